@@ -1,0 +1,67 @@
+"""hesskit: the curvature of loss functions in JAX.
+
+Hessian-vector products, extreme eigenpairs, traces, diagonals and spectral densities of
+Hessians on pytrees, and optax transforms that use curvature.
+"""
+
+from hesskit._src.operators import LinearOperator as LinearOperator
+from hesskit._src.operators import fd_hvp as fd_hvp
+from hesskit._src.operators import ggn_operator as ggn_operator
+from hesskit._src.operators import hessian_operator as hessian_operator
+from hesskit._src.operators import hvp as hvp
+from hesskit._src.operators import mean_hessian_operator as mean_hessian_operator
+from hesskit._src.operators import restrict as restrict
+from hesskit._src.operators import tree_mask_embed as tree_mask_embed
+from hesskit._src.operators import tree_mask_select as tree_mask_select
+from hesskit._src.tree import tree_add as tree_add
+from hesskit._src.tree import tree_axpy as tree_axpy
+from hesskit._src.tree import tree_dim as tree_dim
+from hesskit._src.tree import tree_matvec as tree_matvec
+from hesskit._src.tree import tree_norm as tree_norm
+from hesskit._src.tree import tree_normalize as tree_normalize
+from hesskit._src.tree import tree_random_normal as tree_random_normal
+from hesskit._src.tree import tree_random_rademacher as tree_random_rademacher
+from hesskit._src.tree import tree_random_sphere as tree_random_sphere
+from hesskit._src.tree import tree_rmatvec as tree_rmatvec
+from hesskit._src.tree import tree_scale as tree_scale
+from hesskit._src.tree import tree_stack as tree_stack
+from hesskit._src.tree import tree_sub as tree_sub
+from hesskit._src.tree import tree_unstack as tree_unstack
+from hesskit._src.tree import tree_vdot as tree_vdot
+from hesskit._src.tree import tree_zeros_like as tree_zeros_like
+
+__version__ = "0.1.0"
+
+# Names are grouped by the issue/module that adds them; keep each group sorted.
+__all__ = [
+    # operators
+    "LinearOperator",
+    "fd_hvp",
+    "ggn_operator",
+    "hessian_operator",
+    "hvp",
+    "mean_hessian_operator",
+    "restrict",
+    "tree_mask_embed",
+    "tree_mask_select",
+    # pytree linear algebra
+    "tree_add",
+    "tree_axpy",
+    "tree_dim",
+    "tree_matvec",
+    "tree_norm",
+    "tree_normalize",
+    "tree_random_normal",
+    "tree_random_rademacher",
+    "tree_random_sphere",
+    "tree_rmatvec",
+    "tree_scale",
+    "tree_stack",
+    "tree_sub",
+    "tree_unstack",
+    "tree_vdot",
+    "tree_zeros_like",
+    # eigensolvers and estimators
+    # transforms
+    # diagnostics
+]

@@ -1,0 +1,167 @@
+"""Linear algebra on pytrees: inner products, norms, axpy, random probes, stacking.
+
+Every helper here treats a pytree of arrays as one vector of the concatenated leaves, without
+ever raveling it into a single host array. Reductions accumulate in the leaves' own floating
+dtype (float64 leaves under ``jax_enable_x64`` stay float64).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+__all__ = [
+    "tree_add",
+    "tree_axpy",
+    "tree_dim",
+    "tree_matvec",
+    "tree_normalize",
+    "tree_norm",
+    "tree_rmatvec",
+    "tree_random_normal",
+    "tree_random_rademacher",
+    "tree_random_sphere",
+    "tree_scale",
+    "tree_stack",
+    "tree_sub",
+    "tree_unstack",
+    "tree_vdot",
+    "tree_zeros_like",
+]
+
+
+def _leaves(tree: PyTree) -> list[jax.Array]:
+    return jax.tree_util.tree_leaves(tree)
+
+
+def tree_dim(tree: PyTree) -> int:
+    """Total number of scalars in ``tree`` (a static Python int)."""
+    return int(sum(leaf.size for leaf in _leaves(tree)))
+
+
+def tree_zeros_like(tree: PyTree) -> PyTree:
+    """A pytree of zeros with the structure, shapes and dtypes of ``tree``."""
+    return jax.tree_util.tree_map(jnp.zeros_like, tree)
+
+
+def tree_vdot(x: PyTree, y: PyTree) -> jax.Array:
+    """Inner product :math:`\\langle x, y \\rangle = \\sum_{\\text{leaves}} \\sum x_i y_i`.
+
+    Args:
+        x: a pytree of real arrays.
+        y: a pytree with the same structure and shapes as ``x``.
+
+    Returns:
+        A scalar in the result dtype of the leaves.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> float(tree_vdot({"a": jnp.ones(3)}, {"a": jnp.arange(3.0)}))
+        3.0
+    """
+    parts = jax.tree_util.tree_map(lambda a, b: jnp.vdot(a, b), x, y)
+    leaves = _leaves(parts)
+    if not leaves:
+        return jnp.zeros(())
+    return sum(leaves[1:], leaves[0])
+
+
+def tree_norm(x: PyTree) -> jax.Array:
+    """Euclidean norm of ``x`` over all leaves at once."""
+    return jnp.sqrt(tree_vdot(x, x))
+
+
+def tree_scale(alpha: jax.typing.ArrayLike, x: PyTree) -> PyTree:
+    """``alpha * x`` leaf by leaf, keeping each leaf's dtype."""
+    return jax.tree_util.tree_map(lambda a: (alpha * a).astype(a.dtype), x)
+
+
+def tree_add(x: PyTree, y: PyTree) -> PyTree:
+    """``x + y`` leaf by leaf."""
+    return jax.tree_util.tree_map(jnp.add, x, y)
+
+
+def tree_sub(x: PyTree, y: PyTree) -> PyTree:
+    """``x - y`` leaf by leaf."""
+    return jax.tree_util.tree_map(jnp.subtract, x, y)
+
+
+def tree_axpy(alpha: jax.typing.ArrayLike, x: PyTree, y: PyTree) -> PyTree:
+    """``alpha * x + y`` leaf by leaf, keeping the dtype of ``y``."""
+    return jax.tree_util.tree_map(lambda a, b: (alpha * a + b).astype(b.dtype), x, y)
+
+
+def tree_normalize(x: PyTree) -> tuple[PyTree, jax.Array]:
+    """Return ``(x / ||x||, ||x||)``; a zero vector stays zero instead of turning into NaN."""
+    norm = tree_norm(x)
+    safe = jnp.where(norm > 0, norm, 1.0)
+    return tree_scale(1.0 / safe, x), norm
+
+
+def _split_like(key: jax.Array, tree: PyTree) -> PyTree:
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    keys = jax.random.split(key, max(len(leaves), 1))[: len(leaves)]
+    return jax.tree_util.tree_unflatten(treedef, list(keys))
+
+
+def tree_random_normal(key: jax.Array, like: PyTree) -> PyTree:
+    """Standard Gaussian probe with the structure, shapes and dtypes of ``like``."""
+    keys = _split_like(key, like)
+    return jax.tree_util.tree_map(
+        lambda k, a: jax.random.normal(k, jnp.shape(a), jnp.result_type(a)), keys, like
+    )
+
+
+def tree_random_rademacher(key: jax.Array, like: PyTree) -> PyTree:
+    """Rademacher (random sign) probe with the structure, shapes and dtypes of ``like``."""
+    keys = _split_like(key, like)
+    return jax.tree_util.tree_map(
+        lambda k, a: jax.random.rademacher(k, jnp.shape(a), jnp.result_type(a)), keys, like
+    )
+
+
+def tree_random_sphere(key: jax.Array, like: PyTree) -> PyTree:
+    """A sample uniform on the unit sphere of the *whole* parameter space.
+
+    One direction across all leaves (a Gaussian normalised by its global norm), not a unit
+    vector per leaf.
+    """
+    return tree_normalize(tree_random_normal(key, like))[0]
+
+
+def tree_stack(trees: Sequence[PyTree]) -> PyTree:
+    """Stack ``k`` pytrees of equal structure into one pytree with a leading axis ``k``."""
+    if len(trees) == 0:
+        msg = "tree_stack needs at least one pytree, got an empty sequence."
+        raise ValueError(msg)
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def tree_unstack(tree: PyTree) -> list[PyTree]:
+    """Inverse of :func:`tree_stack`: split the leading axis into a list of pytrees."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    if not leaves:
+        return []
+    n = leaves[0].shape[0]
+    return [jax.tree_util.tree_unflatten(treedef, [leaf[i] for leaf in leaves]) for i in range(n)]
+
+
+def tree_rmatvec(basis: PyTree, x: PyTree) -> jax.Array:
+    """Coefficients ``Q^T x`` of ``x`` against a stacked basis ``Q`` (leading axis ``m``)."""
+    parts = jax.tree_util.tree_map(
+        lambda q, a: jnp.tensordot(q, a, axes=a.ndim), basis, x
+    )
+    leaves = _leaves(parts)
+    return sum(leaves[1:], leaves[0])
+
+
+def tree_matvec(basis: PyTree, coeffs: jax.Array) -> PyTree:
+    """Linear combination ``Q c`` of a stacked basis ``Q`` (leading axis ``m``) with ``c``."""
+    return jax.tree_util.tree_map(
+        lambda q: jnp.tensordot(coeffs.astype(q.dtype), q, axes=1), basis
+    )

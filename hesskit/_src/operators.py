@@ -50,7 +50,7 @@ def _as_struct(like: PyTree) -> PyTree:
 
 @jax.tree_util.register_pytree_node_class
 class LinearOperator:
-    r"""A symmetric linear operator :math:`v \mapsto A v + \sigma v` on pytrees shaped like ``like``.
+    r"""A symmetric linear operator :math:`v \mapsto (A + \sigma I) v` on pytrees.
 
     The operator is a pytree: a ``matvec`` given as a :class:`jax.tree_util.Partial` keeps its
     arrays as leaves (so a jitted function taking the operator compiles once per operator type
@@ -507,7 +507,7 @@ def tree_mask_select(tree: PyTree, mask: Any) -> PyTree:
 
 
 def tree_mask_embed(block: PyTree, mask: Any, like: PyTree) -> PyTree:
-    """Inverse of :func:`tree_mask_select`: put ``block`` back into a full pytree, zeros elsewhere."""
+    """Inverse of :func:`tree_mask_select`: ``block`` back in a full pytree, zeros elsewhere."""
     like = _as_struct(like)
     flags = _mask_flags(mask, like)
     like_leaves, treedef = jax.tree_util.tree_flatten(like)
@@ -564,8 +564,7 @@ def restrict(op: LinearOperator, mask: Any) -> LinearOperator:
     """
     flags = _mask_flags(mask, op.like)
     base = op.__replace__(shift=0.0)
-    like = tree_mask_select(op.like, jax.tree_util.tree_unflatten(
-        jax.tree_util.tree_structure(op.like), flags
-    ))
+    like = tree_mask_select(
+        op.like, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(op.like), flags)
+    )
     return LinearOperator(Partial(_RestrictKernel(flags), op=base), like, shift=op.shift)
-

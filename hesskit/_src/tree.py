@@ -50,7 +50,7 @@ def tree_zeros_like(tree: PyTree) -> PyTree:
 
 
 def tree_vdot(x: PyTree, y: PyTree) -> jax.Array:
-    """Inner product :math:`\\langle x, y \\rangle = \\sum_{\\text{leaves}} \\sum x_i y_i`.
+    r"""Inner product :math:`\langle x, y \rangle = \sum_{\text{leaves}} \sum x_i y_i`.
 
     Args:
         x: a pytree of real arrays.
@@ -153,15 +153,11 @@ def tree_unstack(tree: PyTree) -> list[PyTree]:
 
 def tree_rmatvec(basis: PyTree, x: PyTree) -> jax.Array:
     """Coefficients ``Q^T x`` of ``x`` against a stacked basis ``Q`` (leading axis ``m``)."""
-    parts = jax.tree_util.tree_map(
-        lambda q, a: jnp.tensordot(q, a, axes=a.ndim), basis, x
-    )
+    parts = jax.tree_util.tree_map(lambda q, a: jnp.tensordot(q, a, axes=a.ndim), basis, x)
     leaves = _leaves(parts)
     return sum(leaves[1:], leaves[0])
 
 
 def tree_matvec(basis: PyTree, coeffs: jax.Array) -> PyTree:
     """Linear combination ``Q c`` of a stacked basis ``Q`` (leading axis ``m``) with ``c``."""
-    return jax.tree_util.tree_map(
-        lambda q: jnp.tensordot(coeffs.astype(q.dtype), q, axes=1), basis
-    )
+    return jax.tree_util.tree_map(lambda q: jnp.tensordot(coeffs.astype(q.dtype), q, axes=1), basis)

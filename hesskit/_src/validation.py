@@ -27,9 +27,9 @@ def check_float_params(params: PyTree, name: str = "params") -> None:
         if not jnp.issubdtype(dtype, jnp.floating):
             kind = "complex" if jnp.issubdtype(dtype, jnp.complexfloating) else "non-floating"
             msg = (
-                f"{name}{jax.tree_util.keystr(path)} has {kind} dtype {dtype}; hesskit differentiates "
-                "real floating parameters only (cast integer parameters to a float dtype, split "
-                "complex ones into real and imaginary parts)."
+                f"{name}{jax.tree_util.keystr(path)} has {kind} dtype {dtype}; hesskit "
+                "differentiates real floating parameters only (cast integer parameters to a "
+                "float dtype, split complex ones into real and imaginary parts)."
             )
             raise TypeError(msg)
 

@@ -1,0 +1,70 @@
+"""Matrices with prescribed spectra and small models, shared by the test files."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import hesskit as hk
+
+
+def random_orthogonal(n: int, seed: int = 0) -> np.ndarray:
+    """A Haar-random orthogonal matrix (float64, NumPy)."""
+    rng = np.random.default_rng(seed)
+    q, r = np.linalg.qr(rng.standard_normal((n, n)))
+    return q * np.sign(np.diag(r))
+
+
+def matrix_with_spectrum(eigenvalues, seed: int = 0) -> np.ndarray:
+    """The symmetric matrix ``Q diag(eigenvalues) Q^T`` with a random orthogonal ``Q`` (float64)."""
+    lam = np.asarray(eigenvalues, dtype=np.float64)
+    q = random_orthogonal(lam.size, seed)
+    a = (q * lam) @ q.T
+    return 0.5 * (a + a.T)
+
+
+def dense_operator(a, dtype=jnp.float64) -> hk.LinearOperator:
+    """A LinearOperator on flat vectors from a dense matrix (the matrix is a Partial leaf)."""
+    a = jnp.asarray(a, dtype)
+    return hk.LinearOperator(
+        jax.tree_util.Partial(lambda v, m: m @ v, m=a), jnp.zeros(a.shape[0], dtype)
+    )
+
+
+def pytree_operator(a, dtype=jnp.float64, split=(3,)) -> hk.LinearOperator:
+    """The same matrix acting on a dict pytree ``{"a": v[:s], "b": {"c": v[s:]}}``."""
+    a = jnp.asarray(a, dtype)
+    n = a.shape[0]
+    s = split[0]
+
+    def to_tree(v):
+        return {"a": v[:s], "b": {"c": v[s:].reshape(-1, 1)}}
+
+    def from_tree(t):
+        return jnp.concatenate([t["a"], t["b"]["c"].reshape(-1)])
+
+    def matvec(t, m):
+        return to_tree(m @ from_tree(t))
+
+    return hk.LinearOperator(jax.tree_util.Partial(matvec, m=a), to_tree(jnp.zeros(n, dtype)))
+
+
+SPECTRA = {
+    # well separated
+    "separated": np.linspace(1.0, 10.0, 40),
+    # clustered and repeated eigenvalues at the top
+    "clustered": np.concatenate([[5.0, 5.0, 5.0, 4.999, 4.998], np.linspace(-1.0, 1.0, 35)]),
+    # the paper's shape: a few large positive, a huge bulk near zero, a few small negative
+    "paper": np.concatenate(
+        [
+            [20.0, 12.0, 8.0, 5.0],
+            np.random.default_rng(1).normal(0, 1e-3, 52),
+            [-0.3, -0.2, -0.12, -0.05],
+        ]
+    ),
+    # condition number 1e6, positive definite
+    "ill_conditioned": np.geomspace(1e-6, 1.0, 40),
+    # near-singular: many exact zeros
+    "near_singular": np.concatenate([np.zeros(20), np.linspace(0.5, 3.0, 20)]),
+}

@@ -1,0 +1,23 @@
+"""The HVP benchmark's quick mode runs end to end, so the benchmark never rots."""
+
+import json
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "benchmarks"))
+
+import hvp as hvp_benchmark  # noqa: E402
+
+
+@pytest.mark.slow
+def test_hvp_benchmark_quick(tmp_path):
+    out = hvp_benchmark.main(["--quick", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / f"hvp-{out['meta']['backend']}-quick.json").read_text())
+    assert [r["model"] for r in saved["results"]] == ["mlp", "cnn"]
+    for res in saved["results"]:
+        rows = res["rows"]
+        assert rows["grad"]["ratio_to_grad"] == 1.0
+        assert all(r["median_ms"] > 0 for r in rows.values())
+    assert (tmp_path / f"hvp-{out['meta']['backend']}-quick.md").read_text().startswith("# HVP")

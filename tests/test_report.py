@@ -64,7 +64,13 @@ def tiny_report(tmp_path_factory):
 
 def test_report_writes_folder(tiny_report):
     out, _, lines = tiny_report
-    for name in ["report.json", "report.md", "mlp/params.msgpack", "mlp/loss.png"]:
+    for name in [
+        "report.json",
+        "report.md",
+        "mlp/params.msgpack",
+        "mlp/loss.png",
+        "mlp/tracks.png",
+    ]:
         assert (out / name).stat().st_size > 0, name
     assert any("lam_max" in line for line in lines)
     data = json.loads((out / "report.json").read_text())

@@ -226,7 +226,14 @@ def run_model(name: str, args: argparse.Namespace, out_dir: str, log: Callable[[
             title=f"{name}: training loss",
             path=os.path.join(out_dir, "loss.png"),
         )
-        result["figures"] = {"loss": "loss.png"}
+        plots.plot_eigenvalue_tracks(
+            [c["step"] for c in checkpoints],
+            [[c["lambda_max"]] for c in checkpoints],
+            loss=[c["loss"] for c in checkpoints],
+            title=f"{name}: lambda_max (power iteration) and full-data loss",
+            path=os.path.join(out_dir, "tracks.png"),
+        )
+        result["figures"] = {"loss": "loss.png", "tracks": "tracks.png"}
     return result
 
 

@@ -13,6 +13,9 @@ from hesskit._src.operators import mean_hessian_operator as mean_hessian_operato
 from hesskit._src.operators import restrict as restrict
 from hesskit._src.operators import tree_mask_embed as tree_mask_embed
 from hesskit._src.operators import tree_mask_select as tree_mask_select
+from hesskit._src.power_method import power_iteration as power_iteration
+from hesskit._src.thick_restart import EigResult as EigResult
+from hesskit._src.thick_restart import eigsh as eigsh
 from hesskit._src.tree import tree_add as tree_add
 from hesskit._src.tree import tree_axpy as tree_axpy
 from hesskit._src.tree import tree_dim as tree_dim
@@ -29,6 +32,8 @@ from hesskit._src.tree import tree_sub as tree_sub
 from hesskit._src.tree import tree_unstack as tree_unstack
 from hesskit._src.tree import tree_vdot as tree_vdot
 from hesskit._src.tree import tree_zeros_like as tree_zeros_like
+from hesskit._src.tridiag import LanczosResult as LanczosResult
+from hesskit._src.tridiag import lanczos as lanczos
 
 __version__ = "0.1.0"
 
@@ -62,6 +67,11 @@ __all__ = [
     "tree_vdot",
     "tree_zeros_like",
     # eigensolvers and estimators
+    "EigResult",
+    "LanczosResult",
+    "eigsh",
+    "lanczos",
+    "power_iteration",
     # transforms
     # diagnostics
 ]

@@ -24,30 +24,37 @@ def matrix_with_spectrum(eigenvalues, seed: int = 0) -> np.ndarray:
     return 0.5 * (a + a.T)
 
 
+def _dense_matvec(v, m):
+    return m @ v
+
+
+def _to_tree(v):
+    return {"a": v[:3], "b": {"c": v[3:].reshape(-1, 1)}}
+
+
+def _from_tree(t):
+    return jnp.concatenate([t["a"], t["b"]["c"].reshape(-1)])
+
+
+def _tree_matvec(t, m):
+    return _to_tree(m @ _from_tree(t))
+
+
+# Module-level matvecs: operators of one shape share a treedef, so jitted solvers compile once.
 def dense_operator(a, dtype=jnp.float64) -> hk.LinearOperator:
     """A LinearOperator on flat vectors from a dense matrix (the matrix is a Partial leaf)."""
     a = jnp.asarray(a, dtype)
     return hk.LinearOperator(
-        jax.tree_util.Partial(lambda v, m: m @ v, m=a), jnp.zeros(a.shape[0], dtype)
+        jax.tree_util.Partial(_dense_matvec, m=a), jnp.zeros(a.shape[0], dtype)
     )
 
 
-def pytree_operator(a, dtype=jnp.float64, split=(3,)) -> hk.LinearOperator:
-    """The same matrix acting on a dict pytree ``{"a": v[:s], "b": {"c": v[s:]}}``."""
+def pytree_operator(a, dtype=jnp.float64) -> hk.LinearOperator:
+    """The same matrix acting on a dict pytree ``{"a": v[:3], "b": {"c": v[3:, None]}}``."""
     a = jnp.asarray(a, dtype)
-    n = a.shape[0]
-    s = split[0]
-
-    def to_tree(v):
-        return {"a": v[:s], "b": {"c": v[s:].reshape(-1, 1)}}
-
-    def from_tree(t):
-        return jnp.concatenate([t["a"], t["b"]["c"].reshape(-1)])
-
-    def matvec(t, m):
-        return to_tree(m @ from_tree(t))
-
-    return hk.LinearOperator(jax.tree_util.Partial(matvec, m=a), to_tree(jnp.zeros(n, dtype)))
+    return hk.LinearOperator(
+        jax.tree_util.Partial(_tree_matvec, m=a), _to_tree(jnp.zeros(a.shape[0], dtype))
+    )
 
 
 SPECTRA = {

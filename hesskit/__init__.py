@@ -14,6 +14,9 @@ from hesskit._src.operators import restrict as restrict
 from hesskit._src.operators import tree_mask_embed as tree_mask_embed
 from hesskit._src.operators import tree_mask_select as tree_mask_select
 from hesskit._src.power_method import power_iteration as power_iteration
+from hesskit._src.stochastic import Estimate as Estimate
+from hesskit._src.stochastic import diagonal as diagonal
+from hesskit._src.stochastic import trace as trace
 from hesskit._src.thick_restart import EigResult as EigResult
 from hesskit._src.thick_restart import eigsh as eigsh
 from hesskit._src.tree import tree_add as tree_add
@@ -68,10 +71,13 @@ __all__ = [
     "tree_zeros_like",
     # eigensolvers and estimators
     "EigResult",
+    "Estimate",
     "LanczosResult",
+    "diagonal",
     "eigsh",
     "lanczos",
     "power_iteration",
+    "trace",
     # transforms
     # diagnostics
 ]

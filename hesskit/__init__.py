@@ -14,6 +14,8 @@ from hesskit._src.operators import restrict as restrict
 from hesskit._src.operators import tree_mask_embed as tree_mask_embed
 from hesskit._src.operators import tree_mask_select as tree_mask_select
 from hesskit._src.power_method import power_iteration as power_iteration
+from hesskit._src.slq import Density as Density
+from hesskit._src.slq import spectral_density as spectral_density
 from hesskit._src.stochastic import Estimate as Estimate
 from hesskit._src.stochastic import diagonal as diagonal
 from hesskit._src.stochastic import trace as trace
@@ -70,6 +72,7 @@ __all__ = [
     "tree_vdot",
     "tree_zeros_like",
     # eigensolvers and estimators
+    "Density",
     "EigResult",
     "Estimate",
     "LanczosResult",
@@ -77,6 +80,7 @@ __all__ = [
     "eigsh",
     "lanczos",
     "power_iteration",
+    "spectral_density",
     "trace",
     # transforms
     # diagnostics

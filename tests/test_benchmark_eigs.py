@@ -1,0 +1,24 @@
+"""The eigensolver benchmark's quick mode runs end to end, so the benchmark never rots."""
+
+import json
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "benchmarks"))
+
+import eigs as eigs_benchmark  # noqa: E402
+
+
+@pytest.mark.slow
+def test_eigs_benchmark_quick(tmp_path):
+    out = eigs_benchmark.main(["--quick", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / f"eigs-{out['meta']['backend']}-quick.json").read_text())
+    rows = saved["results"][0]["rows"]
+    assert {r["tool"] for r in rows} == {"hesskit.eigsh", "scipy eigsh (jit HVP)"}
+    for r in rows:
+        assert r["hvps"] > 0 and r["median_s"] > 0
+        if r["tool"] == "hesskit.eigsh":
+            assert r["converged"] == r["k"]
+            assert r["max_rel_err"] < 1e-3

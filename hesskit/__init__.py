@@ -4,6 +4,8 @@ Hessian-vector products, extreme eigenpairs, traces, diagonals and spectral dens
 Hessians on pytrees, and optax transforms that use curvature.
 """
 
+from hesskit._src.linsolve import SolveResult as SolveResult
+from hesskit._src.linsolve import solve as solve
 from hesskit._src.operators import LinearOperator as LinearOperator
 from hesskit._src.operators import fd_hvp as fd_hvp
 from hesskit._src.operators import ggn_operator as ggn_operator
@@ -76,10 +78,12 @@ __all__ = [
     "EigResult",
     "Estimate",
     "LanczosResult",
+    "SolveResult",
     "diagonal",
     "eigsh",
     "lanczos",
     "power_iteration",
+    "solve",
     "spectral_density",
     "trace",
     # transforms

@@ -74,11 +74,16 @@ def wanted(vals, which):
 
 def bench_model(model: str, n: int, steps: int, repeats: int, quick: bool) -> dict:
     params, data, loss = trained_point(model, n, steps)
-    f = lambda p: loss(p, data)  # noqa: E731
     flat, unravel = ravel_pytree(params)
     dim = flat.size
     dtype = flat.dtype
-    flat_hvp = jax.jit(lambda x: ravel_pytree(hk.hvp(f, params, unravel(x)))[0])
+    # Parameters and data are arguments, never closed-over constants: XLA would otherwise spend
+    # seconds constant-folding the forward pass into every compiled function.
+    hvp_flat = jax.jit(lambda p, d, x: ravel_pytree(hk.hvp(lambda q: loss(q, d), p, unravel(x)))[0])
+
+    def flat_hvp(x):
+        return hvp_flat(params, data, x)
+
     v0 = np.asarray(jax.random.normal(jax.random.key(7), (dim,)), np.float64)
 
     # Reference: float64 Hessian, tight tolerance.
@@ -88,9 +93,10 @@ def bench_model(model: str, n: int, steps: int, repeats: int, quick: bool) -> di
             lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, data
         )
         flat64, unravel64 = ravel_pytree(params64)
-        hvp64 = jax.jit(
-            lambda x: ravel_pytree(hk.hvp(lambda p: loss(p, data64), params64, unravel64(x)))[0]
-        )
+
+        def hvp64(x):
+            return hvp_flat(params64, data64, x)
+
         ref = {}
         for name, (which, k) in PROBLEMS.items():
             vals, _ = scipy_eigs(hvp64, dim, jnp.float64, which, k, 1e-10, v0)
@@ -100,24 +106,24 @@ def bench_model(model: str, n: int, steps: int, repeats: int, quick: bool) -> di
     loop = 3 if quick else 20
 
     @jax.jit
-    def hvp_loop(p, v):
-        op = hk.hessian_operator(f, p).linearize()
+    def hvp_loop(p, d, v):
+        op = hk.hessian_operator(lambda q: loss(q, d), p).linearize()
         return jax.lax.fori_loop(0, loop, lambda i, v: hk.tree_normalize(op(v))[0], v)
 
     v = hk.tree_random_sphere(jax.random.key(1), params)
-    _, t_loop, _ = median_time(lambda: hvp_loop(params, v), repeats)
+    _, t_loop, _ = median_time(lambda: hvp_loop(params, data, v), repeats)
     hvp_ms = 1e3 * t_loop / loop
     _, t_single, _ = median_time(lambda: flat_hvp(flat), repeats)
 
     rows = []
     for name, (which, k) in PROBLEMS.items():
         solver = jax.jit(
-            lambda p, key, which=which, k=k: hk.eigsh(
-                hk.hessian_operator(f, p), key, k, which=which, tol=TOL
+            lambda p, d, key, which=which, k=k: hk.eigsh(
+                hk.hessian_operator(lambda q: loss(q, d), p), key, k, which=which, tol=TOL
             )
         )
         key = jax.random.key(0)
-        first, t, res = median_time(lambda: solver(params, key), repeats)  # noqa: B023
+        first, t, res = median_time(lambda: solver(params, data, key), repeats)  # noqa: B023
         ours = np.asarray(res.eigenvalues)
         err = float(np.max(np.abs(ours - ref[name]) / np.abs(ref[name])))
         n_hvp = int(res.num_matvecs)
@@ -161,31 +167,24 @@ def bench_model(model: str, n: int, steps: int, repeats: int, quick: bool) -> di
     probes = jax.vmap(lambda key: hk.tree_random_rademacher(key, params))(
         jax.random.split(jax.random.key(3), num_probes)
     )
-    trace_fn = getattr(hk, "trace", None)
-    if trace_fn is not None:
-        batched = jax.jit(
-            lambda p, key: (
-                trace_fn(
-                    hk.hessian_operator(f, p), key, num_probes=num_probes, method="hutchinson"
-                ).value
-            )
+    batched = jax.jit(
+        lambda p, d, key: (
+            hk.trace(
+                hk.hessian_operator(lambda q: loss(q, d), p),
+                key,
+                num_probes=num_probes,
+                method="hutchinson",
+            ).value
         )
-        first_b, t_b, est_b = median_time(lambda: batched(params, jax.random.key(3)), repeats)
-        batched_name = "hk.trace hutchinson (vmap)"
-    else:
-        batched = jax.jit(
-            lambda p, z: jnp.mean(
-                jax.vmap(lambda v: hk.tree_vdot(v, hk.hessian_operator(f, p).linearize()(v)))(z)
-            )
-        )
-        first_b, t_b, est_b = median_time(lambda: batched(params, probes), repeats)
-        batched_name = "vmapped Hutchinson"
-    single = jax.jit(lambda p, v: hk.tree_vdot(v, hk.hvp(f, p, v)))
+    )
+    first_b, t_b, est_b = median_time(lambda: batched(params, data, jax.random.key(3)), repeats)
+    batched_name = "hk.trace hutchinson (vmap)"
+    single = jax.jit(lambda p, d, v: hk.tree_vdot(v, hk.hvp(lambda q: loss(q, d), p, v)))
     probe_list = hk.tree_unstack(probes)
-    single(params, probe_list[0]).block_until_ready()
+    single(params, data, probe_list[0]).block_until_ready()
 
     def loop_trace():
-        return sum(float(single(params, z)) for z in probe_list) / num_probes
+        return sum(float(single(params, data, z)) for z in probe_list) / num_probes
 
     _, t_l, est_l = median_time(loop_trace, max(1, repeats // 3))
     trace = {

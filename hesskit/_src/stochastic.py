@@ -20,7 +20,6 @@ from hesskit._src.operators import LinearOperator
 from hesskit._src.tree import (
     tree_add,
     tree_matvec,
-    tree_random_rademacher,
     tree_rmatvec,
     tree_scale,
     tree_sub,
@@ -57,11 +56,28 @@ def _zeros(like: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), like)
 
 
+def rademacher_probe(key: jax.Array, like: PyTree) -> PyTree:
+    """A Rademacher vector shaped like ``like``, drawn as one flat sample and split into leaves.
+
+    One draw for the whole pytree (rather than one per leaf, as
+    :func:`~hesskit.tree_random_rademacher` does) keeps the compiled program small: a network
+    with dozens of parameter leaves would otherwise compile dozens of random-bit generators.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    dtype = jnp.result_type(*[leaf.dtype for leaf in leaves])
+    flat = jax.random.rademacher(key, (sum(leaf.size for leaf in leaves),), dtype)
+    out, start = [], 0
+    for leaf in leaves:
+        out.append(flat[start : start + leaf.size].reshape(leaf.shape).astype(leaf.dtype))
+        start += leaf.size
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
 def _quadratic_samples(op: LinearOperator, keys: jax.Array, project=None) -> jax.Array:
     """``z^T A z`` for one Rademacher ``z`` per key (optionally ``z`` projected first)."""
 
     def sample(key: jax.Array) -> jax.Array:
-        z = tree_random_rademacher(key, op.like)
+        z = rademacher_probe(key, op.like)
         if project is not None:
             z = project(z)
         return tree_vdot(z, op(z))
@@ -141,7 +157,7 @@ def _trace(op: LinearOperator, key: jax.Array, n: int, method: str) -> Estimate:
 
     k = n // 3
     key_s, key_g = jax.random.split(key)
-    sketch = jax.vmap(lambda kk: tree_random_rademacher(kk, op.like))(jax.random.split(key_s, k))
+    sketch = jax.vmap(lambda kk: rademacher_probe(kk, op.like))(jax.random.split(key_s, k))
     image = op.matmat(sketch)
     # The QR of a dim x k block is small dense work; ravelling it inside the compiled function
     # keeps it on device. Householder QR returns orthonormal columns even when A S is rank
@@ -205,7 +221,7 @@ def _diagonal(op: LinearOperator, key: jax.Array, n: int) -> PyTree:
     op = op.linearize()
 
     def product(key: jax.Array) -> PyTree:
-        z = tree_random_rademacher(key, op.like)
+        z = rademacher_probe(key, op.like)
         return jax.tree_util.tree_map(jnp.multiply, z, op(z))
 
     def chunk_sum(keys: jax.Array) -> PyTree:

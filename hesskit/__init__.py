@@ -4,6 +4,22 @@ Hessian-vector products, extreme eigenpairs, traces, diagonals and spectral dens
 Hessians on pytrees, and optax transforms that use curvature.
 """
 
+from hesskit._src.compare import SpectrumComparison as SpectrumComparison
+from hesskit._src.compare import compare_spectra as compare_spectra
+from hesskit._src.critical import CriticalPointReport as CriticalPointReport
+from hesskit._src.critical import classify as classify
+from hesskit._src.critical import critical_point_report as critical_point_report
+from hesskit._src.curvature_effects import GDRates as GDRates
+from hesskit._src.curvature_effects import RegularizedSpectrum as RegularizedSpectrum
+from hesskit._src.curvature_effects import condition_number as condition_number
+from hesskit._src.curvature_effects import gd_rates as gd_rates
+from hesskit._src.curvature_effects import regularized_spectrum as regularized_spectrum
+from hesskit._src.curvature_effects import svm_hinge_loss as svm_hinge_loss
+from hesskit._src.directional import DirectionalLoss as DirectionalLoss
+from hesskit._src.directional import StepCheck as StepCheck
+from hesskit._src.directional import directional_loss as directional_loss
+from hesskit._src.directional import eigen_directional_losses as eigen_directional_losses
+from hesskit._src.directional import step_check as step_check
 from hesskit._src.linsolve import SolveResult as SolveResult
 from hesskit._src.linsolve import solve as solve
 from hesskit._src.operators import LinearOperator as LinearOperator
@@ -23,6 +39,8 @@ from hesskit._src.stochastic import diagonal as diagonal
 from hesskit._src.stochastic import trace as trace
 from hesskit._src.thick_restart import EigResult as EigResult
 from hesskit._src.thick_restart import eigsh as eigsh
+from hesskit._src.tracking import Tracker as Tracker
+from hesskit._src.tracking import TrackRecord as TrackRecord
 from hesskit._src.tree import tree_add as tree_add
 from hesskit._src.tree import tree_axpy as tree_axpy
 from hesskit._src.tree import tree_dim as tree_dim
@@ -88,4 +106,22 @@ __all__ = [
     "trace",
     # transforms
     # diagnostics
+    "CriticalPointReport",
+    "DirectionalLoss",
+    "GDRates",
+    "RegularizedSpectrum",
+    "SpectrumComparison",
+    "StepCheck",
+    "TrackRecord",
+    "Tracker",
+    "classify",
+    "compare_spectra",
+    "condition_number",
+    "critical_point_report",
+    "directional_loss",
+    "eigen_directional_losses",
+    "gd_rates",
+    "regularized_spectrum",
+    "step_check",
+    "svm_hinge_loss",
 ]

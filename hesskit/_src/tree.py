@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 
@@ -103,26 +104,31 @@ def tree_normalize(x: PyTree) -> tuple[PyTree, jax.Array]:
     return tree_scale(1.0 / safe, x), norm
 
 
-def _split_like(key: jax.Array, tree: PyTree) -> PyTree:
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    keys = jax.random.split(key, max(len(leaves), 1))[: len(leaves)]
-    return jax.tree_util.tree_unflatten(treedef, list(keys))
+def _flat_sample(sampler, key: jax.Array, like: PyTree) -> PyTree:
+    # One draw for the whole pytree, split into leaves: a network with dozens of leaves would
+    # otherwise compile dozens of random-bit generators into every solver that draws probes.
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    if not leaves:
+        return like
+    dtype = jnp.result_type(*[jnp.result_type(leaf) for leaf in leaves])
+    sizes = [int(np.prod(jnp.shape(leaf))) for leaf in leaves]
+    flat = sampler(key, (sum(sizes),), dtype)
+    out, start = [], 0
+    for leaf, size in zip(leaves, sizes, strict=True):
+        piece = flat[start : start + size].reshape(jnp.shape(leaf))
+        out.append(piece.astype(jnp.result_type(leaf)))
+        start += size
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def tree_random_normal(key: jax.Array, like: PyTree) -> PyTree:
     """Standard Gaussian probe with the structure, shapes and dtypes of ``like``."""
-    keys = _split_like(key, like)
-    return jax.tree_util.tree_map(
-        lambda k, a: jax.random.normal(k, jnp.shape(a), jnp.result_type(a)), keys, like
-    )
+    return _flat_sample(jax.random.normal, key, like)
 
 
 def tree_random_rademacher(key: jax.Array, like: PyTree) -> PyTree:
     """Rademacher (random sign) probe with the structure, shapes and dtypes of ``like``."""
-    keys = _split_like(key, like)
-    return jax.tree_util.tree_map(
-        lambda k, a: jax.random.rademacher(k, jnp.shape(a), jnp.result_type(a)), keys, like
-    )
+    return _flat_sample(jax.random.rademacher, key, like)
 
 
 def tree_random_sphere(key: jax.Array, like: PyTree) -> PyTree:

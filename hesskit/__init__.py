@@ -32,6 +32,11 @@ from hesskit._src.operators import restrict as restrict
 from hesskit._src.operators import tree_mask_embed as tree_mask_embed
 from hesskit._src.operators import tree_mask_select as tree_mask_select
 from hesskit._src.power_method import power_iteration as power_iteration
+from hesskit._src.saddle_transforms import add_sphere_noise as add_sphere_noise
+from hesskit._src.saddle_transforms import monitor_curvature as monitor_curvature
+from hesskit._src.saddle_transforms import negative_curvature as negative_curvature
+from hesskit._src.saddle_transforms import noisy_sgd as noisy_sgd
+from hesskit._src.saddle_transforms import perturb_near_saddle as perturb_near_saddle
 from hesskit._src.slq import Density as Density
 from hesskit._src.slq import spectral_density as spectral_density
 from hesskit._src.stochastic import Estimate as Estimate
@@ -105,6 +110,11 @@ __all__ = [
     "spectral_density",
     "trace",
     # transforms
+    "add_sphere_noise",
+    "monitor_curvature",
+    "negative_curvature",
+    "noisy_sgd",
+    "perturb_near_saddle",
     # diagnostics
     "CriticalPointReport",
     "DirectionalLoss",

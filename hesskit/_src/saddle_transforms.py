@@ -298,7 +298,9 @@ def negative_curvature(
 
     Args:
         learning_rate: :math:`\eta \ge 0` for the negative-curvature step.
-        num_matvecs: Hessian-vector products per refinement (capped at the dimension).
+        num_matvecs: Hessian-vector products per refinement (capped at the dimension). It
+            sizes the compiled program: keep it static under :func:`optax.inject_hyperparams`
+            (``static_args=("num_matvecs",)``).
         every: refine every this many steps (``lax.cond`` skips the products in between).
         step: ``"unit"`` or ``"gradient"``, see above.
         seed: an int seed or a PRNG key.
@@ -369,8 +371,8 @@ def monitor_curvature(
     r"""Pass updates through; keep warm-started estimates of the extreme eigenvalues.
 
     Every ``every`` steps one Lanczos run of ``num_matvecs`` Hessian-vector products, started
-    from the previous top eigenvector (the sharpness direction changes slowly), gives both
-    extreme Ritz values. A jitted training loop can read them from the state
+    from the sum of the previous top and bottom Ritz vectors (they change slowly during
+    training), gives both extreme Ritz values. A jitted training loop can read them from the state
     (``optax.tree_utils.tree_get(state, "lambda_max")``) and compare the sharpness with
     ``2 / learning_rate`` (the edge of stability) without leaving the device. Ritz values lie
     inside the spectrum, so ``lambda_max`` is a lower bound of the true one and ``lambda_min``
@@ -378,7 +380,8 @@ def monitor_curvature(
 
     Args:
         every: measure every this many steps (``>= 1``); in between the state is carried.
-        num_matvecs: Hessian-vector products per measurement (``>= 2``, capped at the dimension).
+        num_matvecs: Hessian-vector products per measurement (``>= 2``, capped at the
+            dimension); static under :func:`optax.inject_hyperparams`, as above.
         seed: an int seed or a PRNG key.
 
     Returns:
@@ -400,8 +403,11 @@ def monitor_curvature(
         key, sub = jax.random.split(state.rng_key)
 
         def measure(_):
+            # Start from top + bottom: the Krylov space then contains both previous
+            # directions and refines both ends at once.
+            start = jax.tree_util.tree_map(jnp.add, state.top_vector, state.bottom_vector)
             low, bottom, high, top = _ritz_extremes(
-                value_fn, _as_float32(params), sub, state.top_vector, num_matvecs
+                value_fn, _as_float32(params), sub, start, num_matvecs
             )
             return high.astype(jnp.float32), low.astype(jnp.float32), top, bottom
 

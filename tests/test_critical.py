@@ -131,7 +131,7 @@ def test_undetermined_when_budget_runs_out():
     rng = np.random.default_rng(0)
     lam = np.concatenate([[-1.0, -0.9999, -0.9998], rng.uniform(-0.999, 1.0, 197)])
     f, p = _quadratic(matrix_with_spectrum(lam, seed=1))
-    rep = critical_point_report(f, p, KEY, k=2, max_matvecs=20)
+    rep = critical_point_report(f, p, KEY, k=2, max_matvecs=20, krylov_dim=20)
     assert not (bool(rep.converged_min) and bool(rep.converged_max))
     assert rep.classification == "undetermined"
     assert int(rep.num_matvecs) <= 20

@@ -209,6 +209,7 @@ def critical_point_report(
     curvature_tol: float = 1e-6,
     tol: float | None = None,
     max_matvecs: int | None = None,
+    krylov_dim: int | None = None,
 ) -> CriticalPointReport:
     r"""Second-order analysis of ``f`` at ``params``: is it a minimum, a maximum or a saddle?
 
@@ -220,7 +221,8 @@ def critical_point_report(
     :math:`2/\lambda_{\max}`, and the damping that makes :math:`H + \delta I` positive
     definite. When ``2 k`` is not below the dimension (tiny problems such as a function of two
     variables) the Hessian is formed densely and ``eigh`` is used instead (then ``tol`` and
-    ``max_matvecs`` are not used and ``num_matvecs`` counts the ``dim`` columns).
+    ``max_matvecs`` and ``krylov_dim`` are not used and ``num_matvecs`` counts the ``dim``
+    columns).
 
     The numerical work (gradient, eigensolver) is compiled; the classification is decided in
     Python from the concrete results, so this function itself is not traceable. Use
@@ -237,6 +239,7 @@ def critical_point_report(
             :func:`hesskit.eigsh`).
         max_matvecs: the eigensolver's budget of Hessian-vector products; if it runs out the
             pairs are not converged and the classification is ``"undetermined"``.
+        krylov_dim: the eigensolver's basis size (default: :func:`hesskit.eigsh`'s).
 
     Returns:
         A :class:`CriticalPointReport` (tolerances included).
@@ -271,7 +274,15 @@ def critical_point_report(
         validation.check_positive(tol, "tol")
     loss, grad_norm = _value_and_grad_norm(f, params)
     if 2 * k < dim:
-        res = eigsh(op, key, 2 * k, which="BE", tol=tol, max_matvecs=max_matvecs)
+        res = eigsh(
+            op,
+            key,
+            2 * k,
+            which="BE",
+            tol=tol,
+            max_matvecs=max_matvecs,
+            krylov_dim=krylov_dim,
+        )
         values, vectors, residuals = res.eigenvalues, res.eigenvectors, res.residuals
         converged, num_matvecs = res.converged, res.num_matvecs
     else:

@@ -12,7 +12,10 @@ pytest.importorskip("matplotlib")
 
 from hesskit._src import report  # noqa: E402
 
-TINY = ["--steps", "4", "--every", "2", "--k", "2", "--subset", "60", "--batch-size", "8"]
+TINY = [
+    *("--steps", "4", "--every", "2", "--k", "2", "--subset", "60", "--batch-size", "8"),
+    *("--fraction", "0.1", "--trace-probes", "30", "--density-runs", "2", "--density-iters", "30"),
+]
 
 
 @pytest.mark.parametrize(
@@ -28,6 +31,12 @@ TINY = ["--steps", "4", "--every", "2", "--k", "2", "--subset", "60", "--batch-s
         (["--subset", "5000"], "--subset must be in [20, 1797]"),
         (["--subset", "50", "--batch-size", "64"], "--batch-size must be in [1, --subset=50]"),
         (["--lr", "-0.1"], "--lr must be a finite positive number"),
+        (["--fraction", "0"], "--fraction must be in (0, 1]"),
+        (["--fraction", "1.5"], "--fraction must be in (0, 1]"),
+        (["--grad-tol", "nan"], "--grad-tol must be a finite positive number"),
+        (["--max-matvecs", "5"], "--max-matvecs must be >= 10"),
+        (["--trace-probes", "2"], "--trace-probes must be >= 3"),
+        (["--density-runs", "0"], "--density-runs must be >= 1"),
         (["--steps", "ten"], "invalid int value: 'ten'"),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
     ],
@@ -70,6 +79,10 @@ def test_report_writes_folder(tiny_report):
         "mlp/params.msgpack",
         "mlp/loss.png",
         "mlp/tracks.png",
+        "mlp/density.png",
+        "mlp/directional_top.png",
+        "mlp/directional_bottom.png",
+        "mlp/steps.png",
     ]:
         assert (out / name).stat().st_size > 0, name
     assert any("lam_max" in line for line in lines)
@@ -80,6 +93,11 @@ def test_report_writes_folder(tiny_report):
     assert len(res["train_loss"]) == 4
     md = (out / "report.md").read_text()
     assert "## mlp (2410 parameters)" in md and "mlp/loss.png" in md
+    assert "What this run shows" in md and "| SA 2 |" in md
+    for c in res["checkpoints"]:
+        assert len(c["top"]) == len(c["bottom"]) == 2
+        assert c["top"][0] == c["lambda_max"] and c["bottom"][0] == c["lambda_min"]
+        assert c["classification"] == "not critical"  # |g| is far above 1e-3 after 4 steps
 
 
 def _saved_problem(out, res, config):
@@ -105,3 +123,77 @@ def test_report_numbers_recompute(tiny_report):
     np.testing.assert_allclose(last["loss"], loss, rtol=1e-5)
     gnorm = jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree_util.tree_leaves(grads)))
     np.testing.assert_allclose(last["grad_norm"], gnorm, rtol=1e-4)
+
+
+def _dense(f, params):
+    from jax.flatten_util import ravel_pytree
+
+    flat, unravel = ravel_pytree(params)
+    h = jax.hessian(lambda x: f(unravel(x)))(flat)
+    return np.asarray(h, np.float64), unravel
+
+
+def test_report_spectra_match_dense(tiny_report):
+    out, _, _ = tiny_report
+    data_json = json.loads((out / "report.json").read_text())
+    (res,) = data_json["models"]
+    params, data, loss_fn = _saved_problem(out, res, data_json["config"])
+    h, unravel = _dense(lambda p: loss_fn(p, data), params)
+    evals, evecs = np.linalg.eigh(h)
+    last, fin = res["checkpoints"][-1], res["final"]
+    scale = abs(evals).max()
+    assert last["converged"]
+    np.testing.assert_allclose(last["top"], evals[::-1][:2], atol=1e-4 * scale)
+    np.testing.assert_allclose(last["bottom"], evals[:2], atol=1e-4 * scale)
+    # Hutch++ with 30 probes: within four of its own standard errors of the exact trace.
+    tr = fin["trace"]
+    assert abs(tr["value"] - np.trace(h)) <= 4 * tr["stderr"] + 1e-3 * abs(np.trace(h))
+    assert fin["damping_for_pd"] == pytest.approx(-evals[0], rel=1e-3)
+    assert fin["max_stable_lr"] == pytest.approx(2 / evals[-1], rel=1e-3)
+    d = fin["density"]
+    assert np.trapezoid(d["density"], d["grid"]) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_report_directional_losses_recompute(tiny_report):
+    import hesskit as hk
+
+    out, _, _ = tiny_report
+    data_json = json.loads((out / "report.json").read_text())
+    (res,) = data_json["models"]
+    params, data, loss_fn = _saved_problem(out, res, data_json["config"])
+    h, unravel = _dense(lambda p: loss_fn(p, data), params)
+    evals, evecs = np.linalg.eigh(h)
+    dl = res["final"]["directional"]
+    alphas = np.asarray(dl["alphas"])
+    assert alphas[0] == 0 and np.all(np.diff(alphas) > 0)
+    # The step alpha (g.v) v does not depend on the sign of v: the dense top and bottom
+    # eigenvectors must give the same curves.
+    for i, j in ((0, -1), (2, 0)):
+        v = unravel(jnp.asarray(evecs[:, j], jnp.float32))
+        ref = hk.directional_loss(
+            lambda p: loss_fn(p, data), params, v, jnp.asarray(alphas, jnp.float32)
+        )
+        np.testing.assert_allclose(dl["losses"][i], ref.losses, rtol=2e-4)
+        assert dl["alpha_star"][i] == pytest.approx(float(ref.alpha_star), rel=0.1)
+        assert dl["eigenvalues"][i] == pytest.approx(evals[j], abs=1e-4 * abs(evals).max())
+    assert dl["loss0"] == pytest.approx(float(loss_fn(params, data)), rel=1e-5)
+
+
+def test_report_subset_comparison_recomputes(tiny_report):
+    out, _, _ = tiny_report
+    data_json = json.loads((out / "report.json").read_text())
+    (res,) = data_json["models"]
+    params, data, loss_fn = _saved_problem(out, res, data_json["config"])
+    sub = res["final"]["subset"]
+    assert sub["num_examples"] == 6  # 10% of 60
+    small = jax.tree_util.tree_map(lambda a: a[:6], data)
+    h, _ = _dense(lambda p: loss_fn(p, small), params)
+    evals = np.linalg.eigvalsh(h)
+    scale = abs(evals).max()
+    np.testing.assert_allclose(sub["top"], evals[::-1][:2], atol=1e-4 * scale)
+    np.testing.assert_allclose(sub["bottom"], evals[:2], atol=1e-4 * scale)
+    full_top = np.asarray(res["checkpoints"][-1]["top"])
+    np.testing.assert_allclose(
+        sub["relative_diff_top"], (np.asarray(sub["top"]) - full_top) / abs(full_top), rtol=1e-5
+    )
+    assert all(0 <= a <= 90 for a in sub["matched_angles_top_deg"])

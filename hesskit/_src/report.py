@@ -22,28 +22,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hesskit._src.operators import hessian_operator
-from hesskit._src.tree import tree_dim, tree_normalize, tree_random_sphere, tree_vdot
+from hesskit._src.compare import compare_spectra
+from hesskit._src.critical import classify
+from hesskit._src.directional import eigen_directional_losses
+from hesskit._src.operators import hvp, mean_hessian_operator
+from hesskit._src.slq import spectral_density
+from hesskit._src.stochastic import trace
+from hesskit._src.thick_restart import EigResult
+from hesskit._src.tracking import Tracker
+from hesskit._src.tree import tree_dim, tree_vdot
 
 MODELS = ("cnn", "mlp", "mlp-large", "linear")
 DEFAULT_MODELS = ("cnn", "mlp")
 NUM_DIGITS = 1797  # size of scikit-learn's bundled digits
 SUBSET_FRACTION = 0.05  # the fixed subset of appendix D of Alain et al. (2019)
-
-
-def _power_lambda_max(op, key, num_iters: int) -> jax.Array:
-    """A cheap lambda_max estimate from a few power steps on the operator (largest magnitude)."""
-    op = op.linearize()
-    v = tree_random_sphere(key, op.like)
-
-    def body(_, carry):
-        v, _ = carry
-        hv = op(v)
-        lam = tree_vdot(v, hv)
-        return tree_normalize(hv)[0], lam
-
-    _, lam = jax.lax.fori_loop(0, num_iters, body, (v, jnp.zeros((), op.dtype)))
-    return lam
 
 
 # -- command line -------------------------------------------------------------------------------
@@ -85,6 +77,24 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--batch-size", type=int, default=32, help="minibatch size")
     rep.add_argument("--lr", type=float, default=1e-3, help="RMSProp learning rate")
     rep.add_argument("--seed", type=int, default=0, help="random seed (data order, init, probes)")
+    rep.add_argument(
+        "--fraction",
+        type=float,
+        default=SUBSET_FRACTION,
+        help="fraction of the examples in the small fixed subset whose Hessian is compared",
+    )
+    rep.add_argument(
+        "--max-matvecs", type=int, default=1000, help="HVP budget of each eigensolver run"
+    )
+    rep.add_argument(
+        "--grad-tol",
+        type=float,
+        default=1e-3,
+        help="gradient norm below which a point counts as critical",
+    )
+    rep.add_argument("--trace-probes", type=int, default=60, help="HVPs for the trace estimate")
+    rep.add_argument("--density-runs", type=int, default=4, help="Lanczos runs for the density")
+    rep.add_argument("--density-iters", type=int, default=60, help="Lanczos steps per run")
     rep.add_argument("--out", default="hesskit-report", help="output folder")
     rep.add_argument("--no-plots", action="store_true", help="write JSON and markdown only")
     return parser
@@ -113,16 +123,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.every < 1:
         parser.error(f"--every must be >= 1, got {args.every}")
     if not 20 <= args.subset <= NUM_DIGITS:
-        parser.error(
-            f"--subset must be in [20, {NUM_DIGITS}] (the {SUBSET_FRACTION:.0%} subset needs at "
-            f"least one example), got {args.subset}"
-        )
+        parser.error(f"--subset must be in [20, {NUM_DIGITS}], got {args.subset}")
     if not 1 <= args.batch_size <= args.subset:
         parser.error(f"--batch-size must be in [1, --subset={args.subset}], got {args.batch_size}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         parser.error(f"--lr must be a finite positive number, got {args.lr}")
     if args.k < 1:
         parser.error(f"--k must be >= 1, got {args.k}")
+    if not (math.isfinite(args.fraction) and 0 < args.fraction <= 1):
+        parser.error(f"--fraction must be in (0, 1], got {args.fraction}")
+    if not (math.isfinite(args.grad_tol) and args.grad_tol > 0):
+        parser.error(f"--grad-tol must be a finite positive number, got {args.grad_tol}")
+    for flag, value, low in (
+        ("--max-matvecs", args.max_matvecs, 10),
+        ("--trace-probes", args.trace_probes, 3),
+        ("--density-runs", args.density_runs, 1),
+        ("--density-iters", args.density_iters, 2),
+    ):
+        if value < low:
+            parser.error(f"{flag} must be >= {low}, got {value}")
     for name in args.model:
         dim = _num_params(name)
         if 4 * args.k > dim:
@@ -154,49 +173,143 @@ def _train_fn(loss_fn: Callable, opt: optax.GradientTransformation, batch_size: 
     return chunk
 
 
+def _stats_fn(loss_fn: Callable):
+    """A jitted ``stats(params, data)``: loss, gradient norm and curvature along the gradient."""
+
+    @jax.jit
+    def stats(params, data):
+        f = lambda p: loss_fn(p, data)  # noqa: E731
+        loss, g = jax.value_and_grad(f)(params)
+        gg = tree_vdot(g, g)
+        g_curv = tree_vdot(g, hvp(f, params, g)) / gg
+        return loss, jnp.sqrt(gg), g_curv
+
+    return stats
+
+
+def _one_chunk(data):
+    """The whole dataset as a single chunk, for the chunked operators (data as pytree leaves)."""
+    return jax.tree_util.tree_map(lambda a: a[None], data)
+
+
+def _alpha_grid(lam_top: float, lam_bottom: float, num: int = 240) -> np.ndarray:
+    """Step sizes for the directional losses: 0, then geometric from 1e-2/lam_max to 1e3/|lam_min|.
+
+    A quadratic direction has its best step at 1/lambda, so the grid spans two decades below the
+    sharpest direction's best step and three above the flattest one's, where negative-curvature
+    directions are expected to keep improving (Alain et al. 2019, figure 4).
+    """
+    hi_curv = max(abs(lam_top), 1e-12)
+    lo_curv = max(min(abs(lam_bottom), hi_curv), 1e-6 * hi_curv)
+    grid = np.geomspace(1e-2 / hi_curv, 1e3 / lo_curv, num - 1)
+    return np.concatenate([[0.0], grid])
+
+
+def _eig_result(values, vectors, residuals, converged, num_matvecs) -> EigResult:
+    return EigResult(
+        jnp.asarray(values),
+        vectors,
+        jnp.asarray(residuals),
+        jnp.asarray(converged),
+        jnp.asarray(num_matvecs),
+        jnp.asarray(0),
+        jnp.asarray(True),
+    )
+
+
+def _split(res: EigResult, idx: np.ndarray) -> EigResult:
+    return _eig_result(
+        np.asarray(res.eigenvalues)[idx],
+        jax.tree_util.tree_map(lambda a: a[idx], res.eigenvectors),
+        np.asarray(res.residuals)[idx],
+        np.asarray(res.converged)[idx],
+        res.num_matvecs,
+    )
+
+
+def _checkpoint_record(t, stats, rec, k, grad_tol) -> dict:
+    loss, gnorm, g_curv = (float(x) for x in stats)
+    bottom, top = rec.eigenvalues[:k], rec.eigenvalues[k:]
+    r_bottom, r_top = rec.residuals[:k], rec.residuals[k:]
+    conv = bool(np.all(rec.converged))
+    return {
+        "step": t,
+        "loss": loss,
+        "grad_norm": gnorm,
+        "g_curvature": g_curv,
+        "lambda_max": float(top[0]),
+        "lambda_min": float(bottom[0]),
+        "top": top.tolist(),
+        "bottom": bottom.tolist(),
+        "residuals_top": r_top.tolist(),
+        "residuals_bottom": r_bottom.tolist(),
+        "converged": conv,
+        "num_matvecs": rec.num_matvecs,
+        "angles_to_previous_top": rec.angles_to_previous[k:].tolist(),
+        "angles_to_previous_bottom": rec.angles_to_previous[:k].tolist(),
+        "classification": classify(
+            gnorm,
+            bottom[0],
+            top[0],
+            conv,
+            grad_tol=grad_tol,
+            residual_min=r_bottom[0],
+            residual_max=r_top[0],
+        ),
+    }
+
+
 def run_model(name: str, args: argparse.Namespace, out_dir: str, log: Callable[[str], None]):
-    """Train one model and measure its curvature; returns the JSON-ready results."""
+    r"""Train one model, measure its Hessian along the way, and analyse the final point.
+
+    At every checkpoint: the loss, gradient norm, :math:`g^\top H g / g^\top g`, and LA(k) and
+    SA(k) of the Hessian of the mean loss over the training subset (a warm-started
+    :class:`~hesskit.Tracker`). At the end: the spectral density, the trace, the loss along each
+    extreme eigenvector against its quadratic model (best step :math:`\alpha^*` next to
+    :math:`1/\lambda`), and the same eigenpairs on a fixed small fraction of the data compared
+    with the full ones. Returns the JSON-ready results.
+    """
     import flax.serialization
 
     from hesskit.examples import load_digits, make_classifier, make_loss
 
     data = load_digits(args.subset, seed=args.seed)
+    chunks = _one_chunk(data)
+    num_small = max(1, round(args.fraction * args.subset))
+    # load_digits shuffles, so the first examples are a fixed random subset.
+    small_chunks = _one_chunk(jax.tree_util.tree_map(lambda a: a[:num_small], data))
     key = jax.random.key(args.seed)
-    init_key, train_key, probe_key = jax.random.split(key, 3)
+    init_key, train_key, probe_key, analysis_key = jax.random.split(key, 4)
     module, params = make_classifier(name, key=init_key, sample=data.x[:1])
     loss_fn = make_loss(module)
     opt = optax.rmsprop(args.lr)
     state = opt.init(params)
     chunk = _train_fn(loss_fn, opt, args.batch_size)
-
-    @jax.jit
-    def curvature(params, data, key):
-        f = lambda p: loss_fn(p, data)  # noqa: E731
-        loss, g = jax.value_and_grad(f)(params)
-        op = hessian_operator(f, params)
-        gg = tree_vdot(g, g)
-        g_curv = tree_vdot(g, op(g)) / gg
-        return loss, jnp.sqrt(gg), g_curv, _power_lambda_max(op, key, 20)
+    stats_fn = _stats_fn(loss_fn)
+    k = args.k
+    tracker = Tracker(k=(k, k), which="LA+SA", max_matvecs=args.max_matvecs)
 
     dim = tree_dim(params)
-    log(f"[{name}] {dim} parameters, {len(data.y)} digits, {args.steps} steps")
-    log(f"{'step':>6} {'loss':>9} {'|g|':>9} {'gHg/gg':>9} {'lam_max':>9}")
+    log(f"[{name}] {dim} parameters, {len(data.y)} digits, {args.steps} steps, LA({k}) and SA({k})")
+    log(
+        f"{'step':>6} {'loss':>9} {'|g|':>9} {'gHg/gg':>9} {'lam_max':>10} {'lam_min':>10} "
+        f"{'HVPs':>6}"
+    )
     checkpoints = []
     train_losses: list[float] = []
     t = 0
     start = time.perf_counter()
     while True:
-        loss, gnorm, g_curv, lam = curvature(params, data, jax.random.fold_in(probe_key, t))
-        checkpoints.append(
-            {
-                "step": t,
-                "loss": float(loss),
-                "grad_norm": float(gnorm),
-                "g_curvature": float(g_curv),
-                "lambda_max": float(lam),
-            }
+        stats = stats_fn(params, data)
+        op = mean_hessian_operator(loss_fn, params, chunks)
+        rec = tracker.update(t, op, jax.random.fold_in(probe_key, t), loss=stats[0])
+        c = _checkpoint_record(t, stats, rec, k, args.grad_tol)
+        checkpoints.append(c)
+        flag = "" if c["converged"] else "  (not all converged)"
+        log(
+            f"{t:>6} {c['loss']:9.4f} {c['grad_norm']:9.4f} {c['g_curvature']:9.4f} "
+            f"{c['lambda_max']:10.4g} {c['lambda_min']:10.4g} {c['num_matvecs']:>6}{flag}"
         )
-        log(f"{t:>6} {loss:9.4f} {gnorm:9.4f} {g_curv:9.4f} {lam:9.4f}")
         if t >= args.steps:
             break
         n = min(args.every, args.steps - t)
@@ -207,34 +320,165 @@ def run_model(name: str, args: argparse.Namespace, out_dir: str, log: Callable[[
 
     with open(os.path.join(out_dir, "params.msgpack"), "wb") as fh:
         fh.write(flax.serialization.to_bytes(params))
+    last = tracker.history[-1]
+    full = _eig_result(
+        last.eigenvalues, last.eigenvectors, last.residuals, last.converged, last.num_matvecs
+    )
+    bottom_idx, top_idx = np.arange(k), np.arange(k, 2 * k)
+    final = checkpoints[-1]
+    key_density, key_trace, key_small = jax.random.split(analysis_key, 3)
+
+    log(f"[{name}] final point: density, trace, directional losses, {args.fraction:.0%} subset")
+    num_iters = min(args.density_iters, dim - 1)
+    density = spectral_density(op, key_density, num_runs=args.density_runs, num_iters=num_iters)
+    tr = trace(op, key_trace, num_probes=args.trace_probes)
+
+    alphas = _alpha_grid(final["lambda_max"], final["lambda_min"])
+    # Most negative first, then largest first: the order the plots and tables use.
+    order = np.concatenate([top_idx, bottom_idx])
+    directions = _split(full, order)
+    dl = eigen_directional_losses(loss_fn, params, directions, alphas, chunks=chunks)
+    lam = np.asarray(directions.eigenvalues, float)
+    alpha_star = np.asarray(dl.alpha_star, float)
+    best = np.asarray(dl.best_decrease, float)
+    directional = {
+        "eigenvalues": lam.tolist(),
+        "inverse_eigenvalues": (1.0 / lam).tolist(),
+        "alpha_star": alpha_star.tolist(),
+        "inv_alpha_star": np.asarray(dl.inv_alpha_star, float).tolist(),
+        "best_decrease": best.tolist(),
+        "slope": np.asarray(dl.slope, float).tolist(),
+        "alpha_at_grid_end": (alpha_star >= alphas[-1]).tolist(),
+        "alphas": alphas.tolist(),
+        "losses": np.asarray(dl.losses, float).tolist(),
+        "loss0": float(dl.loss0[0]),
+    }
+
+    small_op = mean_hessian_operator(loss_fn, params, small_chunks)
+    small_tracker = Tracker(k=(k, k), which="LA+SA", max_matvecs=args.max_matvecs)
+    srec = small_tracker.update(t, small_op, key_small)
+    small = _eig_result(
+        srec.eigenvalues, srec.eigenvectors, srec.residuals, srec.converged, srec.num_matvecs
+    )
+    cmp_top = compare_spectra(_split(small, top_idx), _split(full, top_idx))
+    cmp_bottom = compare_spectra(_split(small, bottom_idx), _split(full, bottom_idx))
+    subset = {
+        "num_examples": num_small,
+        "fraction": num_small / args.subset,
+        "top": np.asarray(small.eigenvalues)[top_idx].tolist(),
+        "bottom": np.asarray(small.eigenvalues)[bottom_idx].tolist(),
+        "converged": bool(np.all(srec.converged)),
+        "relative_diff_top": np.asarray(cmp_top.relative_diff).tolist(),
+        "relative_diff_bottom": np.asarray(cmp_bottom.relative_diff).tolist(),
+        "matched_angles_top_deg": np.degrees(np.asarray(cmp_top.matched_angles)).tolist(),
+        "matched_angles_bottom_deg": np.degrees(np.asarray(cmp_bottom.matched_angles)).tolist(),
+        "principal_angles_top_deg": np.degrees(np.asarray(cmp_top.principal_angles)).tolist(),
+        "principal_angles_bottom_deg": np.degrees(np.asarray(cmp_bottom.principal_angles)).tolist(),
+    }
+    analysis = {
+        "classification": final["classification"],
+        "grad_tol": args.grad_tol,
+        "condition_number_extremes": abs(final["lambda_max"]) / abs(final["lambda_min"])
+        if final["lambda_min"] != 0
+        else None,
+        "max_stable_lr": 2.0 / final["lambda_max"] if final["lambda_max"] > 0 else None,
+        "damping_for_pd": max(0.0, -final["lambda_min"]),
+        "la_over_abs_sa": final["lambda_max"] / abs(final["lambda_min"])
+        if final["lambda_min"] != 0
+        else None,
+        "trace": {"value": float(tr.value), "stderr": float(tr.stderr), "probes": tr.num_matvecs},
+        "density": {
+            "grid": np.asarray(density.grid).tolist(),
+            "density": np.asarray(density.density).tolist(),
+            "num_runs": args.density_runs,
+            "num_iters": num_iters,
+        },
+        "directional": directional,
+        "subset": subset,
+    }
     result = {
         "model": name,
         "num_params": dim,
         "num_examples": int(len(data.y)),
         "train_loss": train_losses,
         "checkpoints": checkpoints,
+        "final": analysis,
         "seconds": time.perf_counter() - start,
     }
+    log(
+        f"[{name}] {final['classification']}; trace {tr.value:.4g} +- {tr.stderr:.2g}; "
+        f"LA(1)/|SA(1)| = {_fmt(analysis['la_over_abs_sa'])}; subset lambda_max rel. diff "
+        f"{subset['relative_diff_top'][0]:+.2%}"
+    )
     if not args.no_plots:
-        from hesskit import plots
-
-        plots.plot_training_loss(
-            np.arange(len(train_losses)),
-            train_losses,
-            eval_steps=[c["step"] for c in checkpoints],
-            eval_loss=[c["loss"] for c in checkpoints],
-            title=f"{name}: training loss",
-            path=os.path.join(out_dir, "loss.png"),
-        )
-        plots.plot_eigenvalue_tracks(
-            [c["step"] for c in checkpoints],
-            [[c["lambda_max"]] for c in checkpoints],
-            loss=[c["loss"] for c in checkpoints],
-            title=f"{name}: lambda_max (power iteration) and full-data loss",
-            path=os.path.join(out_dir, "tracks.png"),
-        )
-        result["figures"] = {"loss": "loss.png", "tracks": "tracks.png"}
+        result["figures"] = _plots(name, out_dir, train_losses, checkpoints, tracker, analysis)
     return result
+
+
+def _plots(name, out_dir, train_losses, checkpoints, tracker, analysis) -> dict:
+    from hesskit import plots
+
+    def path(fig: str) -> str:
+        return os.path.join(out_dir, fig)
+
+    steps, top, bottom, loss = tracker.as_arrays()
+    plots.plot_training_loss(
+        np.arange(len(train_losses)),
+        train_losses,
+        eval_steps=[c["step"] for c in checkpoints],
+        eval_loss=[c["loss"] for c in checkpoints],
+        title=f"{name}: training loss",
+        path=path("loss.png"),
+    )
+    plots.plot_eigenvalue_tracks(
+        steps,
+        top,
+        bottom,
+        loss=loss,
+        title=f"{name}: LA(k) and SA(k) of the Hessian, and the loss",
+        path=path("tracks.png"),
+    )
+    d = analysis["density"]
+    final = checkpoints[-1]
+    plots.plot_spectral_density(
+        d["grid"],
+        d["density"],
+        eigenvalues=final["top"] + final["bottom"],
+        title=f"{name}: spectral density at the end of training",
+        path=path("density.png"),
+    )
+    dl = analysis["directional"]
+    k = len(final["top"])
+    alphas = np.asarray(dl["alphas"])
+    figures = {"loss": "loss.png", "tracks": "tracks.png", "density": "density.png"}
+    # The sharpest and the most negative direction, each on its own scale: three times the larger
+    # of its best step and 1/|lambda| (the geometric grid spans many decades).
+    for i, label in ((0, "top"), (k, "bottom")):
+        lam = dl["eigenvalues"][i]
+        losses = np.asarray(dl["losses"][i], float)
+        limit = 3.0 * max(dl["alpha_star"][i], 1.0 / abs(lam) if lam != 0 else 0.0)
+        keep = (alphas <= limit) & np.isfinite(losses)
+        which = "largest" if label == "top" else "most negative"
+        plots.plot_directional_loss(
+            alphas[keep],
+            losses[keep],
+            eigenvalues=lam,
+            slopes=dl["slope"][i],
+            loss0=dl["loss0"],
+            labels=[f"{which} eigenvalue, lambda = {lam:.3g}"],
+            title=f"{name}: loss along an eigenvector vs the quadratic model",
+            path=path(f"directional_{label}.png"),
+        )
+        figures[f"directional_{label}"] = f"directional_{label}.png"
+    plots.plot_step_sizes(
+        dl["eigenvalues"],
+        dl["best_decrease"],
+        dl["alpha_star"],
+        title=f"{name}: best loss decrease and 1/alpha* per eigen-direction",
+        path=path("steps.png"),
+    )
+    figures.update(steps="steps.png")
+    return figures
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -257,6 +501,63 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def _list(xs, spec: str = ".3g") -> str:
+    return ", ".join(_fmt(x, spec) for x in xs)
+
+
+def _findings(res: dict) -> list[str]:
+    """Plain statements of what this run shows, next to what the paper reports."""
+    fin = res["final"]
+    first, last = res["checkpoints"][0], res["checkpoints"][-1]
+    dl = fin["directional"]
+    k = len(last["top"])
+    lines = []
+    ratio = fin["la_over_abs_sa"]
+    if ratio is not None and last["lambda_min"] < 0:
+        verdict = (
+            "the positive end dominates, as in the paper"
+            if ratio > 3
+            else "the two ends are comparable, unlike the paper"
+        )
+        lines.append(f"- λ_max / |λ_min| = {ratio:.3g} at the last step: {verdict}.")
+    else:
+        lines.append(
+            f"- No negative eigenvalue was found at the last step (λ_min = "
+            f"{_fmt(last['lambda_min'])})."
+        )
+    neg = [i for i in range(k, 2 * k) if dl["eigenvalues"][i] < 0]
+    pos = [i for i in range(k) if dl["eigenvalues"][i] > 0]
+    if pos:
+        r = [dl["alpha_star"][i] * dl["eigenvalues"][i] for i in pos]
+        lines.append(f"- Positive directions: α* · λ = {_list(r, '.2f')} (1 for a quadratic loss).")
+    if neg:
+        r = [dl["alpha_star"][i] * abs(dl["eigenvalues"][i]) for i in neg]
+        at_end = any(dl["alpha_at_grid_end"][i] for i in neg)
+        lines.append(
+            f"- Negative directions: α* · |λ| = {_list(r, '.3g')}"
+            + (" (at least one α* is the end of the grid)" if at_end else "")
+            + "; the quadratic model has no minimum there."
+        )
+        best_pos = min((dl["best_decrease"][i] for i in pos), default=0.0)
+        best_neg = min(dl["best_decrease"][i] for i in neg)
+        lines.append(
+            f"- Best loss decrease along one eigenvector: {best_neg:.3g} (negative directions) vs "
+            f"{best_pos:.3g} (positive directions)."
+        )
+    lines.append(
+        f"- λ_max went from {_fmt(first['lambda_max'])} at step {first['step']} to "
+        f"{_fmt(last['lambda_max'])} at step {last['step']}; λ_min from "
+        f"{_fmt(first['lambda_min'])} to {_fmt(last['lambda_min'])}."
+    )
+    sub = fin["subset"]
+    lines.append(
+        f"- Hessian on a fixed {sub['fraction']:.0%} subset ({sub['num_examples']} examples): "
+        f"relative differences of LA(k) {_list(sub['relative_diff_top'], '+.1%')}, angles of the "
+        f"top eigenvectors to their matches {_list(sub['matched_angles_top_deg'], '.0f')} degrees."
+    )
+    return lines
+
+
 def write_markdown(report: dict, path: str) -> None:
     """Write the human-readable summary of ``report`` to ``path``."""
     cfg = report["config"]
@@ -264,24 +565,51 @@ def write_markdown(report: dict, path: str) -> None:
         "# hesskit curvature report",
         "",
         f"Digits subset of {cfg['subset']} examples, seed {cfg['seed']}, {cfg['steps']} RMSProp "
-        f"steps (batch {cfg['batch_size']}, learning rate {cfg['lr']}), k = {cfg['k']}. "
-        f"Every number is in `report.json`. Wall time {report['seconds']:.1f} s.",
+        f"steps (batch {cfg['batch_size']}, learning rate {cfg['lr']}), k = {cfg['k']}. The "
+        "Hessian is that of the mean loss over the whole subset. Every number is in "
+        f"`report.json`. Wall time {report['seconds']:.1f} s on {report['backend']}.",
         "",
     ]
     for res in report["models"]:
         name = res["model"]
+        fin = res["final"]
         lines += [
             f"## {name} ({res['num_params']} parameters)",
             "",
-            "| step | loss | gradient norm | gᵀHg / gᵀg | λ_max |",
-            "|---:|---:|---:|---:|---:|",
+            "| step | loss | gradient norm | gᵀHg / gᵀg | λ_max | λ_min | HVPs | point |",
+            "|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for c in res["checkpoints"]:
+            conv = "" if c["converged"] else " (not converged)"
             lines.append(
                 f"| {c['step']} | {_fmt(c['loss'])} | {_fmt(c['grad_norm'])} | "
-                f"{_fmt(c['g_curvature'])} | {_fmt(c['lambda_max'])} |"
+                f"{_fmt(c['g_curvature'])} | {_fmt(c['lambda_max'])} | {_fmt(c['lambda_min'])} | "
+                f"{c['num_matvecs']} | {c['classification']}{conv} |"
             )
-        lines.append("")
+        last = res["checkpoints"][-1]
+        tr = fin["trace"]
+        lines += [
+            "",
+            f"At the last step: LA({len(last['top'])}) = {_list(last['top'])}; "
+            f"SA({len(last['bottom'])}) = {_list(last['bottom'])}.",
+            f"Trace {tr['value']:.4g} ± {tr['stderr']:.2g} (Hutch++, {tr['probes']} HVPs). "
+            f"Largest stable gradient-descent step 2/λ_max = {_fmt(fin['max_stable_lr'])}; "
+            f"damping for a positive definite H + δI: δ > {_fmt(fin['damping_for_pd'])}. "
+            f"Classification (gradient tolerance {fin['grad_tol']:g}): {fin['classification']}.",
+            "",
+            "| direction | λ | 1/λ | α* | best loss decrease |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        dl = fin["directional"]
+        k = len(last["top"])
+        for i, lam in enumerate(dl["eigenvalues"]):
+            label = f"LA {i + 1}" if i < k else f"SA {i - k + 1}"
+            end = " (grid end)" if dl["alpha_at_grid_end"][i] else ""
+            lines.append(
+                f"| {label} | {_fmt(lam)} | {_fmt(dl['inverse_eigenvalues'][i])} | "
+                f"{_fmt(dl['alpha_star'][i])}{end} | {_fmt(dl['best_decrease'][i])} |"
+            )
+        lines += ["", "What this run shows:", "", *_findings(res), ""]
         for label, fig in res.get("figures", {}).items():
             lines += [f"![{name} {label}]({name}/{fig})", ""]
     with open(path, "w") as fh:
@@ -305,7 +633,22 @@ def run_report(args: argparse.Namespace, log: Callable[[str], None] | None = Non
         results.append(run_model(name, args, model_dir, log))
     config = {
         k: getattr(args, k)
-        for k in ("model", "steps", "every", "k", "subset", "batch_size", "lr", "seed")
+        for k in (
+            "model",
+            "steps",
+            "every",
+            "k",
+            "subset",
+            "batch_size",
+            "lr",
+            "seed",
+            "fraction",
+            "max_matvecs",
+            "grad_tol",
+            "trace_probes",
+            "density_runs",
+            "density_iters",
+        )
     }
     report = {
         "config": config,

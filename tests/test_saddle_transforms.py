@@ -243,6 +243,8 @@ def test_bad_input():
         ht.negative_curvature(-1.0)
     with pytest.raises(ValueError, match="step"):
         ht.negative_curvature(0.1, step="newton")
+    with pytest.raises(ValueError, match="num_matvecs must be >= 2"):
+        ht.monitor_curvature(1, num_matvecs=1)
     with pytest.raises(ValueError, match="every"):
         ht.monitor_curvature(0)
     opt = ht.negative_curvature(0.1)

@@ -390,6 +390,10 @@ def monitor_curvature(
     """
     _check_positive_int(every, "every")
     _check_positive_int(num_matvecs, "num_matvecs")
+    if isinstance(num_matvecs, int | np.integer) and num_matvecs < 2:
+        # One Lanczos step has a single Ritz value: lambda_max and lambda_min would coincide.
+        msg = f"num_matvecs must be >= 2 to separate lambda_max from lambda_min, got {num_matvecs}."
+        raise ValueError(msg)
 
     def init_fn(params: PyTree) -> CurvatureMonitorState:
         key, sub = jax.random.split(_as_key(seed))

@@ -8,13 +8,16 @@ and the optimal step size along each eigenvector (figures 3-4).
 matplotlib is an optional dependency (``pip install 'hesskit[plot]'``), imported only when a
 function here is called. Figures are built with :class:`matplotlib.figure.Figure` directly,
 without ``pyplot``: no GUI backend is touched, nothing is kept in pyplot's figure registry, and
-``savefig`` renders with Agg. Every function takes plain arrays (or the NamedTuples of hesskit's
+``savefig`` renders with Agg; each figure has a PNG repr, so it shows as a notebook cell's
+result. Every function takes plain arrays (or the NamedTuples of hesskit's
 estimators and diagnostics where noted), returns the Figure, and saves a PNG when ``path`` is
 given.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -44,9 +47,18 @@ def _figure(ncols: int = 1, *, width: float = 5.5, height: float = 4.0):
     return fig, axes
 
 
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=90, format="png")
+    return buffer.getvalue()
+
+
 def _finish(fig, path: str | os.PathLike | None):
     if path is not None:
         fig.savefig(os.fspath(path), dpi=110, format="png")
+    # A Figure made without pyplot has no display hook in Jupyter (that comes with pyplot's
+    # inline backend); a PNG repr makes it show as a cell's result.
+    fig._repr_png_ = functools.partial(_png, fig)
     return fig
 
 

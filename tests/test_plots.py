@@ -115,3 +115,9 @@ def test_training_loss(tmp_path):
     _check_png(tmp_path / "loss.png")
     assert fig.axes[0].get_yscale() == "log"
     assert len(fig.axes[0].get_lines()) == 2
+
+
+def test_figures_display_as_png_in_notebooks():
+    fig = plots.plot_training_loss([0, 1, 2], [2.3, 1.5, 1.0])
+    png = fig._repr_png_()
+    assert png.startswith(b"\x89PNG")

@@ -83,7 +83,7 @@ for i, target in enumerate(checkpoints):
     )
 assert all(r.converged.all() for r in tracker.history)
 steps, top, bottom, losses = tracker.as_arrays()
-plots.plot_eigenvalue_tracks(steps, top, bottom, loss=losses);
+plots.plot_eigenvalue_tracks(steps, top, bottom, loss=losses)
 
 # %% [markdown]
 # ## Finding 1: the positive end dominates
@@ -141,8 +141,10 @@ plots.plot_directional_loss(
     slopes=float(dl.slope[i_neg]),
     loss0=float(dl.loss0[0]),
     title="most negative eigenvector: loss vs quadratic model",
-);
-plots.plot_step_sizes(lam, best, alpha_star);
+)
+
+# %%
+plots.plot_step_sizes(lam, best, alpha_star)
 
 # %%
 # Negative curvature is local: the quadratic model keeps falling while the true loss turns up.

@@ -78,6 +78,10 @@ def spectral_density(
     nodes coincide); the grid has 1000 points on
     :math:`[\min\theta - 5\sigma, \max\theta + 5\sigma]`.
 
+    Read fractions of the spectrum (e.g. the share of negative eigenvalues) from the smoothed
+    density, not from the raw nodes and weights: inside a dense cluster (a Hessian's bulk at
+    zero) a single Gauss node stands for the whole cluster and its sign is arbitrary.
+
     Args:
         op: a symmetric :class:`~hesskit.LinearOperator` (linearized once per run).
         key: PRNG key; split into ``num_runs`` start vectors.

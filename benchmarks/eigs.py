@@ -41,6 +41,9 @@ import hesskit as hk
 RESULTS = pathlib.Path(__file__).parent / "results"
 TOL = 1e-5
 PROBLEMS = {"LA(10)": ("LA", 10), "SA(3)": ("SA", 3), "BE(6)": ("BE", 6)}
+SWEEP_OURS = (1e-3, 1e-4, 1e-5, 1e-6)
+SWEEP_SCIPY = (1e-2, 1e-3, 1e-4, 1e-5)
+TARGETS = (1e-4, 1e-5, 1e-6)
 
 
 def median_time(fn, repeats: int) -> tuple[float, float, object]:
@@ -65,6 +68,20 @@ def scipy_eigs(flat_hvp, dim, dtype, which, k, tol, v0):
     lin = sla.LinearOperator((dim, dim), matvec=matvec, dtype=np.float64)
     vals = sla.eigsh(lin, k=k, which=which, tol=tol, v0=v0, return_eigenvectors=False)
     return np.sort(vals), count[0]
+
+
+def rel_err(vals, ref) -> float:
+    return float(np.max(np.abs(np.asarray(vals) - ref) / np.abs(ref)))
+
+
+def fewest_hvps(sweep: list[dict], problem: str, tool: str, target: float) -> int | None:
+    """Fewest products among the sweep's runs of ``tool`` whose error is at most ``target``."""
+    hits = [
+        r["hvps"]
+        for r in sweep
+        if r["problem"] == problem and r["tool"] == tool and r["max_rel_err"] <= target
+    ]
+    return min(hits) if hits else None
 
 
 def wanted(vals, which):
@@ -115,17 +132,18 @@ def bench_model(model: str, n: int, steps: int, repeats: int, quick: bool) -> di
     hvp_ms = 1e3 * t_loop / loop
     _, t_single, _ = median_time(lambda: flat_hvp(flat), repeats)
 
-    rows = []
+    rows, sweep = [], []
     for name, (which, k) in PROBLEMS.items():
+        # tol is a traced argument: the tolerance sweep below reuses this one compilation.
         solver = jax.jit(
-            lambda p, d, key, which=which, k=k: hk.eigsh(
-                hk.hessian_operator(lambda q: loss(q, d), p), key, k, which=which, tol=TOL
+            lambda p, d, key, tol, which=which, k=k: hk.eigsh(
+                hk.hessian_operator(lambda q: loss(q, d), p), key, k, which=which, tol=tol
             )
         )
         key = jax.random.key(0)
-        first, t, res = median_time(lambda: solver(params, data, key), repeats)  # noqa: B023
+        first, t, res = median_time(lambda: solver(params, data, key, TOL), repeats)  # noqa: B023
         ours = np.asarray(res.eigenvalues)
-        err = float(np.max(np.abs(ours - ref[name]) / np.abs(ref[name])))
+        err = rel_err(ours, ref[name])
         n_hvp = int(res.num_matvecs)
         outside = max(0.0, 1.0 - n_hvp * hvp_ms / (1e3 * t))
         rows.append(
@@ -147,7 +165,7 @@ def bench_model(model: str, n: int, steps: int, repeats: int, quick: bool) -> di
             vals, count = scipy_eigs(flat_hvp, dim, dtype, which, k, TOL, v0)
             times.append(time.perf_counter() - t0)
             counts.append(count)
-        err = float(np.max(np.abs(wanted(vals, which) - ref[name]) / np.abs(ref[name])))
+        err = rel_err(wanted(vals, which), ref[name])
         rows.append(
             {
                 "problem": name,
@@ -161,6 +179,36 @@ def bench_model(model: str, n: int, steps: int, repeats: int, quick: bool) -> di
                 "outside_hvp": None,
             }
         )
+
+        # Equal accuracy: the same nominal tol means different things to the two tools (ours is
+        # relative to max|lambda|, ARPACK's to each |lambda_i|), so sweep both and compare the
+        # products each needs to reach a given eigenvalue error.
+        for tol in SWEEP_OURS:
+            r = solver(params, data, key, tol)
+            sweep.append(
+                {
+                    "problem": name,
+                    "tool": "hesskit.eigsh",
+                    "tol": tol,
+                    "hvps": int(r.num_matvecs),
+                    "max_rel_err": rel_err(np.asarray(r.eigenvalues), ref[name]),
+                    "converged": int(np.sum(r.converged)),
+                    "k": k,
+                }
+            )
+        for tol in SWEEP_SCIPY:
+            vals, count = scipy_eigs(flat_hvp, dim, dtype, which, k, tol, v0)
+            sweep.append(
+                {
+                    "problem": name,
+                    "tool": "scipy eigsh (jit HVP)",
+                    "tol": tol,
+                    "hvps": count,
+                    "max_rel_err": rel_err(wanted(vals, which), ref[name]),
+                    "converged": k,
+                    "k": k,
+                }
+            )
 
     # Trace: 100 Rademacher probes, batched in one vmap against a Python loop of single HVPs.
     num_probes = 10 if quick else 100
@@ -202,6 +250,7 @@ def bench_model(model: str, n: int, steps: int, repeats: int, quick: bool) -> di
         "hvp_ms_single": 1e3 * t_single,
         "reference": {k: v.tolist() for k, v in ref.items()},
         "rows": rows,
+        "sweep": sweep,
         "trace": trace,
     }
 
@@ -231,6 +280,21 @@ def to_markdown(results: list[dict], meta: dict) -> str:
                 f"{r['compile_s']:.2f} | {r['max_rel_err']:.1e} | {r['converged']}/{r['k']} "
                 f"| {out} |"
             )
+        tools = ("hesskit.eigsh", "scipy eigsh (jit HVP)")
+        lines += [
+            "",
+            "Equal accuracy: fewest HVPs to reach a max relative eigenvalue error (tolerance sweep "
+            f"hesskit {list(SWEEP_OURS)}, scipy {list(SWEEP_SCIPY)}; '-' = not reached).",
+            "",
+            "| problem | " + " | ".join(f"err <= {t:g}: hesskit / scipy" for t in TARGETS) + " |",
+            "|---|" + "---:|" * len(TARGETS),
+        ]
+        for name in PROBLEMS:
+            cells = []
+            for t in TARGETS:
+                counts = [fewest_hvps(res["sweep"], name, tool, t) for tool in tools]
+                cells.append(" / ".join("-" if c is None else str(c) for c in counts))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
         tr = res["trace"]
         batched, looped = tr["batched"], tr["loop"]
         est = tr["estimates"]

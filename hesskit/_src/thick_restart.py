@@ -18,9 +18,12 @@ from hesskit._src.tree import (
     tree_random_sphere,
     tree_rmatvec,
     tree_sub,
+    tree_vdot,
 )
 
 PyTree = Any
+
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 __all__ = ["EigResult", "eigsh"]
 
@@ -32,7 +35,7 @@ class EigResult(NamedTuple):
 
     Attributes:
         eigenvalues: shape ``(k,)``, most extreme first (LA and LM descending, SA ascending, BE
-            ascending).
+            ascending); the Rayleigh quotients of ``eigenvectors``.
         eigenvectors: a pytree shaped like the operator's vectors with a leading axis ``k``;
             orthonormal.
         residuals: the true residual norms ``||A v_i - lambda_i v_i||``, computed from the
@@ -111,8 +114,12 @@ def eigsh(
     ``which`` picks the end of the spectrum: ``"LA"`` (largest algebraic), ``"SA"`` (smallest
     algebraic, the most negative curvature), ``"BE"`` (``k // 2`` from the bottom and the rest
     from the top, in one run, as SciPy does) or ``"LM"`` (largest magnitude). Small dense work
-    runs in the operator's dtype; with twice-repeated Gram-Schmidt the basis stays orthonormal
-    in float32. Gradients through this function are not promised.
+    runs in the operator's dtype (products with the basis at ``Precision.HIGHEST``, so GPUs and
+    TPUs do not drop to TF32 or bfloat16); with twice-repeated Gram-Schmidt the basis stays
+    orthonormal in float32. The reported eigenvalues are the Rayleigh quotients of the returned
+    vectors, not the raw Ritz values: in float32 this keeps small eigenvalues (a Hessian's
+    negative end) accurate relative to themselves rather than only to ``max|lambda|``.
+    Gradients through this function are not promised.
 
     Args:
         op: a symmetric :class:`~hesskit.LinearOperator` (its ``linearize()`` is used).
@@ -310,7 +317,8 @@ def _eigsh(
 
         def compress(stack):
             kept = jax.tree_util.tree_map(
-                lambda b: jnp.tensordot(coeffs.T.astype(b.dtype), b, axes=1), stack
+                lambda b: jnp.tensordot(coeffs.T.astype(b.dtype), b, axes=1, precision=_HIGHEST),
+                stack,
             )
             return jax.tree_util.tree_map(lambda z, kv: z.at[:keep].set(kv), zeros_basis, kept)
 
@@ -359,21 +367,33 @@ def _eigsh(
     idx = _select(theta, which, k, k)
     order = _order(theta[idx], which)
     idx = idx[order]
-    values = theta[idx]
 
     def combine(stack):
         return jax.tree_util.tree_map(
-            lambda b: jnp.tensordot(s[:, idx].T.astype(b.dtype), b, axes=1), stack
+            lambda b: jnp.tensordot(s[:, idx].T.astype(b.dtype), b, axes=1, precision=_HIGHEST),
+            stack,
         )
 
     vectors = combine(final.basis)
     av = combine(final.images)
-    resid_vecs = jax.vmap(
-        lambda a, v, lam: tree_sub(
-            a, jax.tree_util.tree_map(lambda x: (lam * x).astype(x.dtype), v)
-        )
-    )(av, vectors, values)
-    residuals = jax.vmap(tree_norm)(resid_vecs)
+    # Ritz values come from the projected matrix, whose entries carry rounding errors of order
+    # eps * ||A||: in float32 that swamps small eigenvalues next to a large top end (a Hessian's
+    # negative ones). The Rayleigh quotient of each Ritz vector errs only by eps * |lambda| plus
+    # the squared residual over the gap; it is taken as theta + y^T (A y - theta y) / y^T y so
+    # the small correction, not the whole quotient, carries the rounding (no extra products).
+    theta_k = theta[idx]
+
+    def refine(a, v, lam):
+        r = tree_sub(a, jax.tree_util.tree_map(lambda x: (lam * x).astype(x.dtype), v))
+        shift = tree_vdot(v, r) / tree_vdot(v, v)
+        r = tree_sub(r, jax.tree_util.tree_map(lambda x: (shift * x).astype(x.dtype), v))
+        return lam + shift, tree_norm(r)
+
+    values, residuals = jax.vmap(refine)(av, vectors, theta_k)
+    # Refinement can swap two values of a cluster: restore the promised order.
+    order = _order(values, which)
+    values, residuals = values[order], residuals[order]
+    vectors = jax.tree_util.tree_map(lambda x: x[order], vectors)
     scale_theta = jnp.max(jnp.abs(theta))
     ok = final.ok & jnp.all(jnp.isfinite(values)) & jnp.all(jnp.isfinite(residuals))
     converged = (residuals <= tol * scale_theta) & ok

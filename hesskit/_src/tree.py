@@ -16,6 +16,10 @@ import numpy as np
 
 PyTree = Any
 
+# Accelerators default to reduced-precision float32 matmuls (TF32 on GPUs, bfloat16 passes on
+# TPUs), which would cost the Krylov solvers their orthogonality; CPUs pay nothing for this.
+_HIGHEST = jax.lax.Precision.HIGHEST
+
 __all__ = [
     "tree_add",
     "tree_axpy",
@@ -65,7 +69,7 @@ def tree_vdot(x: PyTree, y: PyTree) -> jax.Array:
         >>> float(tree_vdot({"a": jnp.ones(3)}, {"a": jnp.arange(3.0)}))
         3.0
     """
-    parts = jax.tree_util.tree_map(lambda a, b: jnp.vdot(a, b), x, y)
+    parts = jax.tree_util.tree_map(lambda a, b: jnp.vdot(a, b, precision=_HIGHEST), x, y)
     leaves = _leaves(parts)
     if not leaves:
         return jnp.zeros(())
@@ -159,11 +163,15 @@ def tree_unstack(tree: PyTree) -> list[PyTree]:
 
 def tree_rmatvec(basis: PyTree, x: PyTree) -> jax.Array:
     """Coefficients ``Q^T x`` of ``x`` against a stacked basis ``Q`` (leading axis ``m``)."""
-    parts = jax.tree_util.tree_map(lambda q, a: jnp.tensordot(q, a, axes=a.ndim), basis, x)
+    parts = jax.tree_util.tree_map(
+        lambda q, a: jnp.tensordot(q, a, axes=a.ndim, precision=_HIGHEST), basis, x
+    )
     leaves = _leaves(parts)
     return sum(leaves[1:], leaves[0])
 
 
 def tree_matvec(basis: PyTree, coeffs: jax.Array) -> PyTree:
     """Linear combination ``Q c`` of a stacked basis ``Q`` (leading axis ``m``) with ``c``."""
-    return jax.tree_util.tree_map(lambda q: jnp.tensordot(coeffs.astype(q.dtype), q, axes=1), basis)
+    return jax.tree_util.tree_map(
+        lambda q: jnp.tensordot(coeffs.astype(q.dtype), q, axes=1, precision=_HIGHEST), basis
+    )

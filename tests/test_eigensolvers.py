@@ -147,6 +147,20 @@ def test_eigsh_finds_a_repeated_eigenvalue_and_its_copies():
     assert bool(np.all(res.converged))
 
 
+def test_eigsh_verify_false_skips_the_verification_restart():
+    a = matrix_with_spectrum(SPECTRA["separated"], seed=3)
+    ev = np.linalg.eigvalsh(a)
+    op = dense_operator(a)
+    on = hk.eigsh(op, jax.random.key(0), 3, which="LA", krylov_dim=12)
+    off = hk.eigsh(op, jax.random.key(0), 3, which="LA", krylov_dim=12, verify=False)
+    assert bool(np.all(off.converged))
+    np.testing.assert_allclose(off.eigenvalues, wanted(ev, "LA", 3), atol=1e-8 * np.abs(ev).max())
+    # Verification costs one partial cycle: krylov_dim minus the kept vectors.
+    assert int(on.num_matvecs) - int(off.num_matvecs) == 12 - (3 + (12 - 3) // 2)
+    with pytest.raises(TypeError, match="verify"):
+        hk.eigsh(op, jax.random.key(0), 3, verify="yes")
+
+
 def test_eigsh_unconverged_is_reported():
     a = matrix_with_spectrum(SPECTRA["ill_conditioned"], seed=3)
     res = hk.eigsh(

@@ -138,10 +138,10 @@ def eigsh(
             start); must be nonzero.
         verify: once everything has converged, restart once from a fresh random direction
             orthogonal to the kept vectors, so that a missed copy of a repeated extreme
-            eigenvalue (which a single-vector Krylov space cannot see) is found. Costs about
-            ``krylov_dim - k`` extra products when nothing was missed (5 of 27 for LA(10) in
-            ``benchmarks/eigs.py``); ``False`` skips it, as ARPACK and SciPy do, for callers
-            who know the wanted eigenvalues are simple or who track them step after step.
+            eigenvalue (which a single-vector Krylov space cannot see) is found. Costs one partial
+            cycle, about ``(krylov_dim - k) / 2`` products, when nothing was missed (6 of 33 for
+            LA(10) in ``benchmarks/eigs.py``); ``False`` skips it, as ARPACK and SciPy do, for
+            callers who know the wanted eigenvalues are simple or track them step after step.
 
     Returns:
         An :class:`EigResult`. Inside compiled code nothing can be raised, so a run that hits

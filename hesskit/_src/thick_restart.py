@@ -23,8 +23,6 @@ from hesskit._src.tree import (
 
 PyTree = Any
 
-_HIGHEST = jax.lax.Precision.HIGHEST
-
 __all__ = ["EigResult", "eigsh"]
 
 WHICH = ("LA", "SA", "BE", "LM")
@@ -329,10 +327,7 @@ def _eigsh(
         coeffs = s[:, kept_idx]  # (m, keep)
 
         def compress(stack):
-            kept = jax.tree_util.tree_map(
-                lambda b: jnp.tensordot(coeffs.T.astype(b.dtype), b, axes=1, precision=_HIGHEST),
-                stack,
-            )
+            kept = tree_matvec(stack, coeffs.T)
             return jax.tree_util.tree_map(lambda z, kv: z.at[:keep].set(kv), zeros_basis, kept)
 
         basis = compress(st.basis)
@@ -381,14 +376,8 @@ def _eigsh(
     order = _order(theta[idx], which)
     idx = idx[order]
 
-    def combine(stack):
-        return jax.tree_util.tree_map(
-            lambda b: jnp.tensordot(s[:, idx].T.astype(b.dtype), b, axes=1, precision=_HIGHEST),
-            stack,
-        )
-
-    vectors = combine(final.basis)
-    av = combine(final.images)
+    vectors = tree_matvec(final.basis, s[:, idx].T)
+    av = tree_matvec(final.images, s[:, idx].T)
     # Ritz values come from the projected matrix, whose entries carry rounding errors of order
     # eps * ||A||: in float32 that swamps small eigenvalues next to a large top end (a Hessian's
     # negative ones). The Rayleigh quotient of each Ritz vector errs only by eps * |lambda| plus

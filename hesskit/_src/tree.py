@@ -171,7 +171,11 @@ def tree_rmatvec(basis: PyTree, x: PyTree) -> jax.Array:
 
 
 def tree_matvec(basis: PyTree, coeffs: jax.Array) -> PyTree:
-    """Linear combination ``Q c`` of a stacked basis ``Q`` (leading axis ``m``) with ``c``."""
+    """Linear combination ``Q c`` of a stacked basis ``Q`` (leading axis ``m``) with ``c``.
+
+    ``coeffs`` of shape ``(m,)`` gives one vector; ``(r, m)`` gives ``r`` combinations stacked
+    along a new leading axis.
+    """
     return jax.tree_util.tree_map(
         lambda q: jnp.tensordot(coeffs.astype(q.dtype), q, axes=1, precision=_HIGHEST), basis
     )

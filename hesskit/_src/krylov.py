@@ -106,11 +106,8 @@ def default_tol(like_or_dtype: Any) -> float:
     if isinstance(like_or_dtype, str | np.dtype | type):
         dtypes = [jnp.dtype(like_or_dtype)]
     else:
-        try:
-            dtypes = [jnp.dtype(like_or_dtype)]
-        except TypeError:
-            leaves = jax.tree_util.tree_leaves(like_or_dtype)
-            dtypes = [jnp.dtype(jnp.result_type(x)) for x in leaves]
+        leaves = jax.tree_util.tree_leaves(like_or_dtype)
+        dtypes = [jnp.dtype(jnp.result_type(x)) for x in leaves]
     worst = max(dtypes, key=lambda d: float(jnp.finfo(d).eps))
     if worst == jnp.float64:
         return 1e-10

@@ -286,6 +286,13 @@ def test_integer_and_complex_params_are_rejected():
     f = lambda p: jnp.sum(p**2).real  # noqa: E731
     with pytest.raises(TypeError, match="non-floating"):
         hk.hessian_operator(f, jnp.arange(3))
+    # The leaf is named and the message says how to filter, not to cast.
+    params = {"w": jnp.ones(2), "bn": {"count": jnp.zeros((), jnp.int32)}}
+    with pytest.raises(TypeError, match=r"params\['bn'\]\['count'\] has non-floating") as err:
+        hk.hessian_operator(lambda p: jnp.sum(p["w"] ** 2), params)
+    assert "eqx.partition(model, eqx.is_inexact_array)" in str(err.value)
+    assert "nnx.split(model, nnx.Param" in str(err.value)
+    assert "cast" not in str(err.value)
     with pytest.raises(TypeError, match="complex"):
         hk.hvp(f, jnp.ones(3, jnp.complex64), jnp.ones(3, jnp.complex64))
 
@@ -323,3 +330,126 @@ def test_bad_masks_are_rejected():
 def test_negative_damping_is_rejected():
     with pytest.raises(ValueError, match="damping"):
         hk.hessian_operator(lambda p: jnp.sum(p**2), jnp.ones(2), damping=-1.0)
+
+
+# -- data as operator arguments -------------------------------------------------------------------
+def _dense_with_args(f, params, *args):
+    return dense_hessian(lambda p: f(p, *args), params)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hessian_operator_with_data_arguments(dtype):
+    params, batch, _, loss = mlp_problem(dtype)
+    op = hk.hessian_operator(loss, params, batch, damping=0.25)
+    assert op.args == (batch,)
+    H = _dense_with_args(loss, params, batch)
+    eye = jnp.eye(H.shape[0], dtype=dtype)
+    np.testing.assert_allclose(to_dense(op), H + 0.25 * eye, **TOL[dtype])
+    lin = jax.jit(lambda o: o.linearize().to_dense())(op)
+    np.testing.assert_allclose(lin, H + 0.25 * eye, **TOL[dtype])
+    # The data are leaves: the same treedef for another batch, and with_args rebinds them.
+    _, batch2, _, _ = mlp_problem(dtype, seed=1)
+    op2 = op.with_args(batch2)
+    assert jax.tree_util.tree_structure(op2) == jax.tree_util.tree_structure(op)
+    H2 = _dense_with_args(loss, params, batch2)
+    np.testing.assert_allclose(to_dense(op2), H2 + 0.25 * eye, **TOL[dtype])
+    assert not np.allclose(H, H2)
+    # Several arguments of any pytree kind, e.g. a mask next to the batch.
+    mask = jnp.asarray([1.0] * 20 + [0.0] * 4, dtype)
+
+    def masked(p, b, m):
+        r = jnp.sum((p["scale"] * jnp.tanh(b[0] @ p["layers"][0]["w"]))[:, :3] - b[1], -1)
+        return jnp.mean(m * r**2)
+
+    got = to_dense(hk.hessian_operator(masked, params, batch, mask))
+    np.testing.assert_allclose(got, _dense_with_args(masked, params, batch, mask), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ggn_operator_with_data_arguments(dtype):
+    params, batch, model, _ = mlp_problem(dtype)
+
+    def model_fn(p, b):
+        return model(p, b[0])
+
+    def out_loss(out, b):
+        return 0.5 * jnp.mean(jnp.sum((out - b[1]) ** 2, -1))
+
+    x, y = batch
+    flat, unravel = ravel_pytree(params)
+    J = jax.jacfwd(lambda z: model(unravel(z), x).reshape(-1))(flat)
+    # squared error: H_L = I / n on the raveled outputs
+    want = J.T @ J / x.shape[0]
+    op = hk.ggn_operator(model_fn, out_loss, params, batch)
+    np.testing.assert_allclose(to_dense(op), want, **TOL[dtype])
+    lin = jax.jit(lambda o: o.linearize().to_dense())(op)
+    np.testing.assert_allclose(lin, want, **TOL[dtype])
+    _, batch2, _, _ = mlp_problem(dtype, seed=2)
+    J2 = jax.jacfwd(lambda z: model(unravel(z), batch2[0]).reshape(-1))(flat)
+    np.testing.assert_allclose(to_dense(op.with_args(batch2)), J2.T @ J2 / x.shape[0], **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("linearize", [False, True])
+def test_mean_hessian_operator_ragged_chunks(dtype, linearize):
+    # 23 examples in chunks of 6: three full chunks and a ragged one of 5, weighted 6/23, 5/23.
+    params, (x, y), _, loss = mlp_problem(dtype, n=23)
+    full = _dense_with_args(loss, params, (x, y))
+    op = hk.mean_hessian_operator(loss, params, (x, y), chunk_size=6, linearize=linearize)
+    np.testing.assert_allclose(to_dense(op), full, **TOL[dtype])
+    lin = jax.jit(lambda o: o.linearize().to_dense())(op)
+    np.testing.assert_allclose(lin, full, **TOL[dtype])
+    # Divisible sizes, one chunk larger than the data, and a chunk size of one.
+    for size in (23, 40, 1):
+        op = hk.mean_hessian_operator(loss, params, (x, y), chunk_size=size, linearize=linearize)
+        np.testing.assert_allclose(to_dense(op), full, **TOL[dtype])
+
+
+def test_mean_hessian_operator_extra_args_and_with_args():
+    params, (x, y), _, loss = mlp_problem(jnp.float64, n=10)
+
+    def weighted(p, chunk, w):
+        return w * loss(p, chunk)
+
+    w = jnp.asarray(3.0)
+    op = hk.mean_hessian_operator(weighted, params, (x, y), w, chunk_size=4)
+    np.testing.assert_allclose(to_dense(op), 3.0 * _dense_with_args(loss, params, (x, y)))
+    assert len(op.args) == 2
+    _, (x2, y2), _, _ = mlp_problem(jnp.float64, n=10, seed=3)
+    op2 = op.with_args((x2, y2), jnp.asarray(0.5))
+    np.testing.assert_allclose(to_dense(op2), 0.5 * _dense_with_args(loss, params, (x2, y2)))
+    with pytest.raises(ValueError, match=r"args\[0\]\[0\] is float64\(9, 4\)"):
+        op.with_args((x2[:9], y2), w)
+
+
+def test_with_args_rejects_changed_data_and_plain_operators():
+    params, batch, _, loss = mlp_problem(jnp.float64)
+    op = hk.hessian_operator(loss, params, batch)
+    x, y = batch
+    with pytest.raises(ValueError, match="1 data argument"):
+        op.with_args(batch, batch)
+    with pytest.raises(ValueError, match="structure"):
+        op.with_args([x, y])
+    with pytest.raises(ValueError, match=r"args\[0\]\[1\] is float64\(23, 3\)"):
+        op.with_args((x, y[:23]))
+    with pytest.raises(ValueError, match=r"args\[0\]\[0\] is float32\(24, 4\)"):
+        op.with_args((x.astype(jnp.float32), y))
+    # Through a restriction, and refused where there are no data arguments.
+    block = hk.restrict(op, lambda p: jax.tree_util.tree_map(lambda a: a.ndim == 2, p))
+    assert block.with_args(batch).dim == block.dim
+    with pytest.raises(TypeError, match="no data arguments"):
+        hk.hessian_operator(lambda p: loss(p, batch), params).with_args(batch)
+    with pytest.raises(TypeError, match="no data arguments"):
+        hk.LinearOperator(lambda v: v, jnp.zeros(2)).with_args(jnp.ones(2))
+
+
+def test_bad_chunk_size_and_data():
+    params, (x, y), _, loss = mlp_problem(jnp.float64)
+    with pytest.raises(ValueError, match="chunk_size"):
+        hk.mean_hessian_operator(loss, params, (x, y), chunk_size=0)
+    with pytest.raises(TypeError, match="chunk_size"):
+        hk.mean_hessian_operator(loss, params, (x, y), chunk_size=2.5)
+    with pytest.raises(ValueError, match="different leading"):
+        hk.mean_hessian_operator(loss, params, (x, y[:5]), chunk_size=4)
+    with pytest.raises(ValueError, match="leading example axis"):
+        hk.mean_hessian_operator(loss, params, (x, jnp.asarray(1.0)), chunk_size=4)

@@ -2,9 +2,10 @@
 
 The exact Hessian-vector product is forward-over-reverse (``jvp`` of ``grad``): one forward and
 one backward pass carrying tangents, about twice the cost of a gradient. Operators built here are
-pytrees whose array data (the parameters, the data chunks) are leaves and whose functions are
-static, so one operator type passed to a jitted function compiles once and is reused for new
-parameter values.
+pytrees whose array data (the parameters and the data arguments: ``hessian_operator(f, params,
+*args)`` calls ``f(params, *args)``) are leaves and whose functions are static, so one operator
+type passed to a jitted function compiles once and is reused for new parameters and new batches
+of the same shapes.
 
 For repeated products at one point, :meth:`LinearOperator.linearize` runs the forward and
 backward pass once (``jax.linearize`` of the gradient) and keeps the residuals, so each further
@@ -161,14 +162,70 @@ class LinearOperator:
         For Hessian and GGN operators this runs the forward and backward pass once
         (``jax.linearize``) and keeps the residuals; each later product then pays only for the
         tangent pass. Other operators are returned unchanged. Call it inside a jitted function
-        that applies the operator many times (hesskit's solvers do); the result holds a closure,
-        so pass the original operator, not the linearized one, across ``jit`` boundaries.
+        that applies the operator many times (hesskit's solvers do). For Hessian and GGN
+        operators the result is a pytree too (``jax.linearize`` returns a
+        :class:`~jax.tree_util.Partial` of its residuals), but a large one: pass the original
+        operator, not the linearized one, across ``jit`` boundaries.
         """
         kernel = self._matvec.func if isinstance(self._matvec, Partial) else None
         if kernel is None or not hasattr(kernel, "linearize"):
             return self
         lin = kernel.linearize(*self._matvec.args, **self._matvec.keywords)
         return self.__replace__(matvec=lin)
+
+    @property
+    def args(self) -> tuple:
+        """The data arguments bound to the operator (``()`` when it has none)."""
+        m = self._matvec
+        if isinstance(m, Partial):
+            if "args" in m.keywords:
+                return tuple(m.keywords["args"])
+            inner = m.keywords.get("op")
+            if isinstance(inner, LinearOperator):
+                return inner.args
+        return ()
+
+    def with_args(self, *args: Any) -> LinearOperator:
+        """The same operator (same function, parameters and shift) on new data arguments.
+
+        The new arguments must have the structure, shapes and dtypes of the bound ones
+        (:attr:`args`), which is what lets every compiled solver be reused; the check runs
+        here, eagerly (also on tracers inside ``jit``), and names the first leaf that differs.
+        For data of another shape build a new operator (``hessian_operator(f, params,
+        *new_args)``): it is valid, and compiles its solvers once for the new shapes.
+
+        Args:
+            *args: the new data arguments, in the order the operator was built with (for
+                :func:`mean_hessian_operator`: ``data, *args``).
+
+        Returns:
+            A :class:`LinearOperator` of the same type and treedef.
+
+        Raises:
+            TypeError: the operator has no data arguments (a plain matvec).
+            ValueError: the number, structure, shapes or dtypes of ``args`` differ.
+
+        Examples:
+            >>> import jax.numpy as jnp
+            >>> op = hessian_operator(lambda p, x: jnp.sum(x * p**2), jnp.ones(2), jnp.ones(2))
+            >>> op.with_args(jnp.array([1.0, 3.0]))(jnp.ones(2)).tolist()
+            [2.0, 6.0]
+        """
+        m = self._matvec
+        if isinstance(m, Partial) and "args" in m.keywords and (m.keywords["args"] or not args):
+            args = tuple(args)
+            validation.check_args(args, tuple(m.keywords["args"]))
+            new = Partial(m.func, *m.args, **{**m.keywords, "args": args})
+            return self.__replace__(matvec=new)
+        inner = m.keywords.get("op") if isinstance(m, Partial) else None
+        if isinstance(inner, LinearOperator):
+            new = Partial(m.func, *m.args, **{**m.keywords, "op": inner.with_args(*args)})
+            return self.__replace__(matvec=new)
+        msg = (
+            "this operator has no data arguments to replace; build it with the data as "
+            "arguments, e.g. hessian_operator(f, params, *args) with f(params, *args)."
+        )
+        raise TypeError(msg)
 
     def to_dense(self) -> jax.Array:
         """Materialize the ``dim x dim`` matrix (columns ``A e_j`` raveled); small problems only."""
@@ -278,32 +335,93 @@ def fd_hvp(
 
 
 # -- Operator kernels: hashable static functions whose arrays travel as Partial leaves. --------
+# Every kernel is called as ``kernel(v, params=..., args=...)``: the parameters and the data
+# arguments are Partial keywords, hence pytree leaves of the operator, so an operator on a new
+# batch of the same shapes reuses every compiled solver, and nothing is baked in as a constant.
+def _bind(f: Callable, args: tuple) -> Callable[[PyTree], Any]:
+    return lambda p: f(p, *args)
+
+
 @dataclasses.dataclass(frozen=True)
 class _HessianKernel:
     f: Callable
 
-    def __call__(self, v: PyTree, params: PyTree) -> PyTree:
-        return jax.jvp(jax.grad(self.f), (params,), (v,))[1]
+    def __call__(self, v: PyTree, params: PyTree, args: tuple = ()) -> PyTree:
+        return jax.jvp(jax.grad(_bind(self.f, args)), (params,), (v,))[1]
 
-    def linearize(self, params: PyTree) -> Callable[[PyTree], PyTree]:
-        return jax.linearize(jax.grad(self.f), params)[1]
+    def linearize(self, params: PyTree, args: tuple = ()) -> Callable[[PyTree], PyTree]:
+        # jax.linearize returns a Partial holding the residuals: the result is a pytree too.
+        return jax.linearize(jax.grad(_bind(self.f, args)), params)[1]
 
 
 @dataclasses.dataclass(frozen=True)
 class _MeanHessianKernel:
-    loss_fn: Callable
+    """The Hessian of a weighted mean of chunk losses; ``args = (data, *extra)``.
 
-    def __call__(self, v: PyTree, params: PyTree, batches: PyTree) -> PyTree:
+    ``chunk_size=None``: ``data`` is stacked along a leading chunk axis of ``C`` equal chunks,
+    each weighted ``1/C``. Otherwise ``data`` has a leading example axis of ``N``: ``N // s``
+    full chunks of ``s`` examples (a scan, weight ``s/N`` each) and a ragged tail of ``N mod s``
+    examples (one more call, weight ``(N mod s)/N``).
+    """
+
+    loss_fn: Callable
+    chunk_size: int | None = None
+    linearize_chunks: bool = False
+
+    def _split(self, data: PyTree):
+        n = jax.tree_util.tree_leaves(data)[0].shape[0]
+        if self.chunk_size is None:
+            return data, 1.0 / n, None, 0.0
+        size = self.chunk_size
+        num_full = n // size
+        cut = num_full * size
+        full = tail = None
+        if num_full:
+            full = jax.tree_util.tree_map(
+                lambda x: x[:cut].reshape((num_full, size) + x.shape[1:]), data
+            )
+        if cut < n:
+            tail = jax.tree_util.tree_map(lambda x: x[cut:], data)
+        return full, size / n, tail, (n - cut) / n
+
+    def _mean_grad(self, args: tuple) -> Callable[[PyTree], PyTree]:
+        data, *extra = args
+        full, w_full, tail, w_tail = self._split(data)
         grad = jax.grad(self.loss_fn)
 
-        def body(acc: PyTree, chunk: PyTree) -> tuple[PyTree, None]:
-            hv = jax.jvp(lambda p: grad(p, chunk), (params,), (v,))[1]
-            return jax.tree_util.tree_map(jnp.add, acc, hv), None
+        def scaled(tree: PyTree, w: float) -> PyTree:
+            return jax.tree_util.tree_map(lambda t: (t * w).astype(t.dtype), tree)
 
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, v)
-        total, _ = jax.lax.scan(body, zeros, batches)
-        n = jax.tree_util.tree_leaves(batches)[0].shape[0]
-        return jax.tree_util.tree_map(lambda t: (t / n).astype(t.dtype), total)
+        def mean_grad(p: PyTree) -> PyTree:
+            total = None
+            if full is not None:
+
+                def body(acc: PyTree, chunk: PyTree) -> tuple[PyTree, None]:
+                    return jax.tree_util.tree_map(jnp.add, acc, grad(p, chunk, *extra)), None
+
+                zeros = jax.tree_util.tree_map(jnp.zeros_like, p)
+                total = scaled(jax.lax.scan(body, zeros, full)[0], w_full)
+            if tail is not None:
+                g_tail = scaled(grad(p, tail, *extra), w_tail)
+                total = g_tail if total is None else jax.tree_util.tree_map(jnp.add, total, g_tail)
+            return total
+
+        return mean_grad
+
+    def __call__(self, v: PyTree, params: PyTree, args: tuple) -> PyTree:
+        # jvp of a scan is a scan of jvps: one chunk's forward and backward pass at a time.
+        return jax.jvp(self._mean_grad(args), (params,), (v,))[1]
+
+    def linearize(self, params: PyTree, args: tuple) -> Callable[[PyTree], PyTree]:
+        if not self.linearize_chunks:
+            return Partial(self, params=params, args=args)
+        # Partial evaluation of the scan stacks every chunk's residuals (memory: all chunks'
+        # activations); each later product is a tangent-only scan over them.
+        return jax.linearize(self._mean_grad(args), params)[1]
+
+
+def _ggn_apply(v: PyTree, jvp: Callable, hess_out: Callable, vjp: Callable) -> PyTree:
+    return vjp(hess_out(jvp(v)))[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,27 +429,34 @@ class _GGNKernel:
     model_fn: Callable
     output_loss_fn: Callable
 
-    def __call__(self, v: PyTree, params: PyTree) -> PyTree:
-        outputs, jv = jax.jvp(self.model_fn, (params,), (v,))
-        hjv = jax.jvp(jax.grad(self.output_loss_fn), (outputs,), (jv,))[1]
-        _, vjp = jax.vjp(self.model_fn, params)
+    def __call__(self, v: PyTree, params: PyTree, args: tuple = ()) -> PyTree:
+        model = _bind(self.model_fn, args)
+        outputs, jv = jax.jvp(model, (params,), (v,))
+        hjv = jax.jvp(jax.grad(_bind(self.output_loss_fn, args)), (outputs,), (jv,))[1]
+        _, vjp = jax.vjp(model, params)
         return vjp(hjv)[0]
 
-    def linearize(self, params: PyTree) -> Callable[[PyTree], PyTree]:
-        outputs, vjp = jax.vjp(self.model_fn, params)
-        _, jvp = jax.linearize(self.model_fn, params)
-        _, hess_out = jax.linearize(jax.grad(self.output_loss_fn), outputs)
-
-        def matvec(v: PyTree) -> PyTree:
-            return vjp(hess_out(jvp(v)))[0]
-
-        return matvec
+    def linearize(self, params: PyTree, args: tuple = ()) -> Callable[[PyTree], PyTree]:
+        model = _bind(self.model_fn, args)
+        outputs, vjp = jax.vjp(model, params)
+        _, jvp = jax.linearize(model, params)
+        _, hess_out = jax.linearize(jax.grad(_bind(self.output_loss_fn, args)), outputs)
+        # jax.vjp and jax.linearize return Partials: the linearized operator stays a pytree.
+        return Partial(_ggn_apply, jvp=jvp, hess_out=hess_out, vjp=vjp)
 
 
 def hessian_operator(
-    f: Callable[[PyTree], jax.Array], params: PyTree, *, damping: Any = 0.0
+    f: Callable[..., jax.Array], params: PyTree, *args: Any, damping: Any = 0.0
 ) -> LinearOperator:
-    r"""The operator :math:`v \mapsto (\nabla^2 f(\theta) + \delta I) v` at ``params``.
+    r"""The operator :math:`v \mapsto (\nabla^2_\theta f(\theta, \text{args}) + \delta I) v`.
+
+    ``f(params, *args)`` is differentiated in ``params`` only; the data arguments (a batch, a
+    dropout key, a mask: any pytrees of arrays) are held fixed. They are leaves of the
+    operator, as the parameters are, so a jitted solver given an operator for a new batch of
+    the same shapes and dtypes is reused without retracing, and the data never become
+    compile-time constants. Pass the same ``f`` object each time (a module-level function or
+    one made once): a new closure per batch, ``hessian_operator(lambda p: loss(p, batch),
+    params)``, still works but is a new static function, so every solve on it recompiles.
 
     Each product is exact (forward-over-reverse). The operator's ``linearize()`` shares the
     forward and backward pass between products at the same point; hesskit's solvers use it, and
@@ -339,22 +464,33 @@ def hessian_operator(
     gradients against about 2 for a fresh ``jvp`` of ``grad``).
 
     Args:
-        f: a scalar function of the parameters (close over the data).
+        f: ``f(params, *args) -> scalar`` (with no ``args``, a function of the parameters).
         params: the point, a pytree of real floating arrays (flax/equinox params as they are).
+        *args: data arguments passed to ``f`` after ``params``, not differentiated.
+            :meth:`LinearOperator.with_args` binds new ones of the same shapes.
         damping: :math:`\delta`, added to the diagonal (a leaf: changing it does not recompile).
 
     Returns:
         A :class:`LinearOperator` on pytrees shaped like ``params``.
+
+    Raises:
+        TypeError: a non-floating leaf in ``params`` (the message says how to filter them).
+        ValueError: ``f(params, *args)`` is not a scalar, or a negative ``damping``.
 
     Examples:
         >>> import jax.numpy as jnp
         >>> op = hessian_operator(lambda p: jnp.sum(p ** 2), jnp.ones(3), damping=1.0)
         >>> op(jnp.array([1.0, 0.0, 0.0])).tolist()
         [3.0, 0.0, 0.0]
+        >>> loss = lambda p, x: jnp.sum((p * x) ** 2)
+        >>> op = hessian_operator(loss, jnp.ones(2), jnp.array([1.0, 2.0]))
+        >>> op(jnp.ones(2)).tolist(), op.with_args(jnp.array([3.0, 0.0]))(jnp.ones(2)).tolist()
+        ([2.0, 8.0], [18.0, 0.0])
     """
-    _validate_f_params(f, params)
+    _validate_f_params(f, params, *args)
     validation.check_nonnegative(damping, "damping")
-    return LinearOperator(Partial(_HessianKernel(f), params=params), params, shift=damping)
+    kernel = Partial(_HessianKernel(f), params=params, args=tuple(args))
+    return LinearOperator(kernel, params, shift=damping)
 
 
 def _stack_chunks(batches: Any) -> PyTree:
@@ -367,80 +503,136 @@ def _stack_chunks(batches: Any) -> PyTree:
         if len(defs) != 1 or len(shapes) != 1:
             msg = (
                 "the chunks in batches must all have the same structure and shapes (equal-sized "
-                f"chunks), got shapes {sorted(shapes)}; pad or drop examples so they are equal."
+                f"chunks), got shapes {sorted(shapes)}; for a data set whose size is not a "
+                "multiple of the chunk size pass it unchunked with chunk_size=... (the last "
+                "chunk is then weighted by its size)."
             )
             raise ValueError(msg)
         return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *batches)
-    leaves = jax.tree_util.tree_leaves_with_path(batches)
+    _leading_size(batches, "batches", "chunk")
+    return batches
+
+
+def _leading_size(data: PyTree, name: str, axis: str) -> int:
+    leaves = jax.tree_util.tree_leaves_with_path(data)
     if not leaves:
-        msg = "batches has no array leaves."
+        msg = f"{name} has no array leaves."
         raise ValueError(msg)
     sizes = set()
     for path, leaf in leaves:
         if jnp.ndim(leaf) == 0:
             msg = (
-                f"batches{jax.tree_util.keystr(path)} is a scalar; every leaf needs a leading "
-                "chunk axis (stack equal-sized chunks along axis 0)."
+                f"{name}{jax.tree_util.keystr(path)} is a scalar; every leaf needs a leading "
+                f"{axis} axis"
+                + (
+                    " (stack equal-sized chunks along axis 0)."
+                    if axis == "chunk"
+                    else " (examples along axis 0)."
+                )
             )
             raise ValueError(msg)
         sizes.add(jnp.shape(leaf)[0])
     if len(sizes) != 1:
         msg = (
-            f"the leaves of batches have different leading (chunk) sizes {sorted(sizes)}; every "
-            "leaf must be stacked along axis 0 with the same number of chunks."
+            f"the leaves of {name} have different leading ({axis}) sizes {sorted(sizes)}; every "
+            f"leaf must have the same number of {axis}s along axis 0."
         )
         raise ValueError(msg)
-    return batches
+    return sizes.pop()
 
 
 def mean_hessian_operator(
-    loss_fn: Callable[[PyTree, PyTree], jax.Array],
+    loss_fn: Callable[..., jax.Array],
     params: PyTree,
-    batches: PyTree,
-    *,
+    data: PyTree,
+    *args: Any,
+    chunk_size: int | None = None,
     damping: Any = 0.0,
+    linearize: bool = False,
 ) -> LinearOperator:
-    r"""The Hessian of the mean loss over a fixed set of equal-sized chunks, one chunk at a time.
+    r"""The Hessian of the mean loss over a data set, evaluated one chunk at a time.
 
     .. math::
-        H = \frac{1}{C} \sum_{c=1}^{C} \nabla^2_\theta\, \ell(\theta, B_c)
+        H = \sum_{c} \frac{n_c}{N}\, \nabla^2_\theta\, \ell(\theta, B_c, \text{args})
 
-    where ``loss_fn(params, chunk)`` is the mean loss over one chunk. With equal chunk sizes this
-    is exactly the Hessian of the mean loss over all their examples. Products run a
-    :func:`jax.lax.scan` over the chunks, so memory stays at one chunk; this is the Hessian
-    "over a fixed subset of the training set" of Alain et al. (2019, appendix D). The data must
-    stay fixed across products for Krylov solvers to be valid.
+    where ``loss_fn(params, chunk, *args)`` is the *mean* loss over the ``n_c`` examples of one
+    chunk and :math:`N = \sum_c n_c`: exactly the Hessian of the mean loss over all ``N``
+    examples. This is the Hessian "over a fixed subset of the training set" of Alain et al.
+    (2019, appendix D). The data must stay fixed across products for Krylov solvers to be
+    valid. The chunks are given in one of two ways:
+
+    * ``chunk_size=s``: ``data`` is the whole set with a leading example axis of ``N`` on
+      every leaf; it is cut into ``N // s`` chunks of ``s`` (a :func:`jax.lax.scan`) and, when
+      ``s`` does not divide ``N``, one ragged last chunk of ``N mod s`` examples (one more
+      call, so ``loss_fn`` is traced for both shapes), each weighted by its size.
+    * ``chunk_size=None``: ``data`` is already chunked, stacked along a leading axis of ``C``
+      equal chunks (or a Python list of equal-shaped chunks, stacked here); each weighs
+      ``1/C``.
+
+    The data and ``args`` (passed whole to every chunk: a dropout key, a mask) are leaves of
+    the operator, so solvers compile once for all data sets of the same shapes.
+
+    Memory and cost per product (``benchmarks``/the timing in this module's tests measure
+    them):
+
+    * ``linearize=False`` (default): every product runs each chunk's forward and backward pass
+      again (``jvp`` of the gradient, inside the scan), holding one chunk's activations at a
+      time; about 2.4 gradients' work per product.
+    * ``linearize=True``: the solvers' ``linearize()`` runs the forward and backward pass once
+      for every chunk and keeps all their residuals (``jax.linearize`` of the scan), memory of
+      the order of the activations of the whole data set; each product is then a tangent pass
+      only, about 1.4 gradients' work. Use it when those residuals fit.
 
     Args:
-        loss_fn: ``loss_fn(params, chunk) -> scalar`` mean loss of one chunk.
+        loss_fn: ``loss_fn(params, chunk, *args) -> scalar`` mean loss over one chunk.
         params: the point.
-        batches: the chunks stacked along a leading axis (a pytree whose leaves all have the same
-            leading size ``C``), or a Python list of equal-shaped chunk pytrees.
+        data: the whole data set (with ``chunk_size``) or the stacked chunks (without).
+        *args: further data arguments passed unchunked to every call of ``loss_fn``.
+        chunk_size: examples per chunk; ``None`` when ``data`` is already chunked.
         damping: added to the diagonal.
+        linearize: keep every chunk's residuals for cheaper repeated products (see above).
 
     Returns:
-        A :class:`LinearOperator` on pytrees shaped like ``params``.
+        A :class:`LinearOperator` on pytrees shaped like ``params``; its data arguments are
+        ``(data, *args)`` (:meth:`LinearOperator.with_args` binds new ones of the same shapes).
 
     Raises:
-        ValueError: chunks of unequal size, leaves without a leading axis, or a non-scalar loss.
+        ValueError: chunks of unequal size, leaves without a leading axis or with different
+            leading sizes, a bad ``chunk_size``, or a non-scalar loss.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> loss = lambda p, x: jnp.mean((x * p) ** 2)    # Hessian 2 mean(x^2)
+        >>> x = jnp.arange(1.0, 8.0)                       # 7 examples: chunks of 3, 3 and 1
+        >>> op = mean_hessian_operator(loss, jnp.ones(()), x, chunk_size=3)
+        >>> round(float(op(jnp.ones(()))), 4), round(float(2 * jnp.mean(x ** 2)), 4)
+        (40.0, 40.0)
 
     References:
         Alain, Le Roux and Manzagol, *Negative eigenvalues of the Hessian in deep neural
         networks*, 2019 (arXiv:1902.02366).
     """
-    stacked = _stack_chunks(batches)
-    first = jax.tree_util.tree_map(lambda x: x[0], stacked)
-    _validate_f_params(loss_fn, params, first, name="loss_fn")
+    if chunk_size is None:
+        data = _stack_chunks(data)
+        first = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), data)
+    else:
+        chunk_size = validation.check_positive_int(chunk_size, "chunk_size")
+        n = _leading_size(data, "data", "example")
+        size = min(chunk_size, n)
+        first = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct((size,) + x.shape[1:], x.dtype), data
+        )
+    _validate_f_params(loss_fn, params, first, *args, name="loss_fn")
     validation.check_nonnegative(damping, "damping")
-    kernel = Partial(_MeanHessianKernel(loss_fn), params=params, batches=stacked)
-    return LinearOperator(kernel, params, shift=damping)
+    kernel = _MeanHessianKernel(loss_fn, chunk_size, bool(linearize))
+    return LinearOperator(Partial(kernel, params=params, args=(data, *args)), params, shift=damping)
 
 
 def ggn_operator(
-    model_fn: Callable[[PyTree], PyTree],
-    output_loss_fn: Callable[[PyTree], jax.Array],
+    model_fn: Callable[..., PyTree],
+    output_loss_fn: Callable[..., jax.Array],
     params: PyTree,
-    *,
+    *args: Any,
     damping: Any = 0.0,
 ) -> LinearOperator:
     r"""The generalized Gauss-Newton operator :math:`J^\top H_L J + \delta I`.
@@ -451,24 +643,39 @@ def ggn_operator(
     convex (squared error, softmax cross-entropy): the safe alternative to the Hessian for
     damped Newton steps and trust regions.
 
+    Data convention: both functions receive *all* the data arguments, ``model_fn(params,
+    *args)`` and ``output_loss_fn(outputs, *args)``, so one batch serves both (the model reads
+    the inputs, the loss the targets). The arguments are operator leaves, as in
+    :func:`hessian_operator`. Without ``args`` they are ``model_fn(params)`` and
+    ``output_loss_fn(outputs)`` (close over the data).
+
     Args:
-        model_fn: ``params -> outputs`` (any pytree of arrays; close over the inputs).
-        output_loss_fn: ``outputs -> scalar`` (close over the targets).
+        model_fn: ``model_fn(params, *args) -> outputs`` (any pytree of arrays).
+        output_loss_fn: ``output_loss_fn(outputs, *args) -> scalar``.
         params: the point.
+        *args: data arguments given to both functions, not differentiated.
         damping: :math:`\delta`, added to the diagonal.
 
     Returns:
         A :class:`LinearOperator` on pytrees shaped like ``params``.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> model = lambda p, batch: batch[0] @ p                    # linear model
+        >>> sq = lambda out, batch: 0.5 * jnp.sum((out - batch[1]) ** 2)
+        >>> x, y = jnp.eye(2) * 2.0, jnp.zeros(2)
+        >>> ggn_operator(model, sq, jnp.ones(2), (x, y)).to_dense().tolist()   # X^T X
+        [[4.0, 0.0], [0.0, 4.0]]
 
     References:
         Schraudolph, *Fast curvature matrix-vector products for second-order gradient descent*,
         Neural Computation 2002.
     """
     validation.check_float_params(params)
-    outputs = jax.eval_shape(model_fn, params)
-    validation.check_scalar_fn(output_loss_fn, outputs, name="output_loss_fn")
+    outputs = jax.eval_shape(model_fn, params, *args)
+    validation.check_scalar_fn(output_loss_fn, outputs, *args, name="output_loss_fn")
     validation.check_nonnegative(damping, "damping")
-    kernel = Partial(_GGNKernel(model_fn, output_loss_fn), params=params)
+    kernel = Partial(_GGNKernel(model_fn, output_loss_fn), params=params, args=tuple(args))
     return LinearOperator(kernel, params, shift=damping)
 
 

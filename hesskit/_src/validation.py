@@ -26,10 +26,21 @@ def check_float_params(params: PyTree, name: str = "params") -> None:
         dtype = jnp.result_type(leaf)
         if not jnp.issubdtype(dtype, jnp.floating):
             kind = "complex" if jnp.issubdtype(dtype, jnp.complexfloating) else "non-floating"
+            if kind == "complex":
+                hint = "split complex parameters into real and imaginary parts."
+            else:
+                # Integer leaves are almost always state (step counters, batch statistics,
+                # indices) mixed into the trainable tree: filter them out rather than cast them.
+                hint = (
+                    "pass only the trainable float leaves and keep the rest out of params, e.g. "
+                    "`params, rest = nnx.split(model, nnx.Param, ...)` (flax nnx) or "
+                    "`params, static = eqx.partition(model, eqx.is_inexact_array)` (equinox); "
+                    "hand the other leaves to f as data arguments, "
+                    "`hessian_operator(f, params, *args)`, or close over them."
+                )
             msg = (
                 f"{name}{jax.tree_util.keystr(path)} has {kind} dtype {dtype}; hesskit "
-                "differentiates real floating parameters only (cast integer parameters to a "
-                "float dtype, split complex ones into real and imaginary parts)."
+                f"differentiates real floating parameters only: {hint}"
             )
             raise TypeError(msg)
 
@@ -107,3 +118,43 @@ def check_one_of(value: Any, name: str, allowed: tuple[str, ...]) -> str:
         msg = f"{name} must be one of {allowed}, got {value!r}."
         raise ValueError(msg)
     return value
+
+
+def _leaf_struct(x: Any) -> tuple[tuple[int, ...], Any]:
+    # Typed PRNG keys have an extended dtype that jnp.dtype() cannot interpret: compare dtypes
+    # as objects instead.
+    dtype = x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
+    return tuple(jnp.shape(x)), dtype
+
+
+def check_args(args: tuple, expected: tuple, *, name: str = "args") -> None:
+    """Raise ``ValueError`` unless ``args`` match ``expected`` in structure, shapes and dtypes.
+
+    Used when new data are bound to an existing operator: a compiled solver is reused only for
+    data of the same structure, shapes and dtypes, and a silent retrace (or a wrong broadcast
+    inside the loss) is worse than an error naming the leaf.
+    """
+    if len(args) != len(expected):
+        msg = (
+            f"the operator was built with {len(expected)} data argument(s) but {len(args)} were "
+            "given; pass the same number, in the same order."
+        )
+        raise ValueError(msg)
+    a_def = jax.tree_util.tree_structure(args)
+    e_def = jax.tree_util.tree_structure(expected)
+    if a_def != e_def:
+        msg = (
+            f"{name} must have the pytree structure of the operator's data arguments.\n"
+            f"  given:    {a_def}\n  expected: {e_def}"
+        )
+        raise ValueError(msg)
+    paths = jax.tree_util.tree_leaves_with_path(args)
+    for (path, a), b in zip(paths, jax.tree_util.tree_leaves(expected), strict=True):
+        (a_shape, a_dtype), (b_shape, b_dtype) = _leaf_struct(a), _leaf_struct(b)
+        if a_shape != b_shape or a_dtype != b_dtype:
+            msg = (
+                f"{name}{jax.tree_util.keystr(path)} is {a_dtype}{a_shape} but the operator's "
+                f"data have {b_dtype}{b_shape} there; shapes and dtypes must match exactly (build "
+                "a new operator for data of another shape: it compiles its solvers anew)."
+            )
+            raise ValueError(msg)

@@ -8,7 +8,6 @@ from jax.flatten_util import ravel_pytree
 from spectra import SPECTRA, dense_operator, matrix_with_spectrum, pytree_operator
 
 import hesskit as hk
-from hesskit._src import stochastic
 
 DTYPES = [jnp.float64, jnp.float32]
 KEYS = jax.random.split(jax.random.key(2024), 10)  # 10 keys everywhere: one compile per operator
@@ -141,22 +140,13 @@ def test_diagonal_of_mlp_hessian(dtype):
     assert np.max(np.abs(flat - np.diag(a))) > 0.1 * np.max(sd)
 
 
-def test_rademacher_probe_is_a_sign_vector_per_leaf():
-    like = {"a": jnp.zeros((3, 4), jnp.float32), "b": (jnp.zeros(5), None)}
-    z = stochastic.rademacher_probe(jax.random.key(0), like)
-    assert jax.tree_util.tree_structure(z) == jax.tree_util.tree_structure(like)
-    assert z["a"].dtype == jnp.float32 and z["b"][0].dtype == jnp.float64
-    flat = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(z)])
-    assert set(np.unique(flat)) == {-1.0, 1.0}
-
-
 def test_diagonal_chunks_equal_the_plain_average():
     # 60 probes = two chunks of 25 plus a remainder of 10: every probe counted exactly once.
     a = matrix_with_spectrum(SPECTRA["clustered"], 6)
     op = pytree_operator(a, jnp.float64)
     key, n = jax.random.key(9), 60
     est = ravel_pytree(hk.diagonal(op, key, num_probes=n))[0]
-    zs = jax.vmap(lambda k: ravel_pytree(stochastic.rademacher_probe(k, op.like))[0])(
+    zs = jax.vmap(lambda k: ravel_pytree(hk.tree_random_rademacher(k, op.like))[0])(
         jax.random.split(key, n)
     )
     zs = np.asarray(zs)

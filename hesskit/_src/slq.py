@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hesskit._src import validation
+from hesskit._src import krylov, memory, validation
 from hesskit._src.operators import LinearOperator
 from hesskit._src.tridiag import _lanczos
 
@@ -51,6 +51,7 @@ def spectral_density(
     num_iters: int = 80,
     grid: jax.typing.ArrayLike | None = None,
     sigma: float | None = None,
+    batch_size: int = 1,
 ) -> Density:
     r"""The eigenvalue density of :math:`A` by stochastic Lanczos quadrature (SLQ).
 
@@ -60,8 +61,8 @@ def spectral_density(
     Lanczos steps from :math:`v` give the Gauss quadrature rule for that integral: nodes are
     the eigenvalues :math:`\theta_j` of the tridiagonal :math:`T` and weights
     :math:`\tau_j = (e_1^\top y_j)^2` the squared first components of its eigenvectors.
-    Averaging ``num_runs`` independent runs (one :func:`jax.vmap` over keys) and replacing
-    each Dirac mass by a Gaussian of width :math:`\sigma` gives
+    Averaging ``num_runs`` independent runs (``batch_size`` at a time) and replacing each
+    Dirac mass by a Gaussian of width :math:`\sigma` gives
 
     .. math::
         \phi_\sigma(x) = \frac{1}{R} \sum_{r=1}^{R} \sum_{j=1}^{m} \tau^{(r)}_j
@@ -78,6 +79,18 @@ def spectral_density(
     nodes coincide); the grid has 1000 points on
     :math:`[\min\theta - 5\sigma, \max\theta + 5\sigma]`.
 
+    Memory: ``batch_size * (num_iters + LANCZOS_EXTRA)`` parameter-sized vectors
+    (:func:`hesskit._src.memory.slq_vectors`, with ``LANCZOS_EXTRA = 6``), whatever
+    ``num_runs``: runs go one batch after another (a :func:`jax.lax.map`), each run of a batch
+    holding its own basis. The default ``batch_size=1`` runs them one at a time; on an
+    accelerator a larger batch turns the products into batched ones at that memory cost. The
+    results do not depend on ``batch_size`` beyond rounding. A request that cannot fit in the
+    memory the backend reports raises before anything runs.
+
+    Mixed precision: the Lanczos work and the quadrature run in float32 or wider
+    (:func:`hesskit._src.krylov.krylov_dtype`), the products in the parameters' dtypes; for
+    bfloat16 parameters the density, nodes and weights are float32.
+
     Read fractions of the spectrum (e.g. the share of negative eigenvalues) from the smoothed
     density, not from the raw nodes and weights: inside a dense cluster (a Hessian's bulk at
     zero) a single Gauss node stands for the whole cluster and its sign is arbitrary.
@@ -89,13 +102,17 @@ def spectral_density(
         num_iters: Lanczos steps per run, ``1 <= num_iters <= dim``.
         grid: optional 1-D array of evaluation points (at least 2, increasing).
         sigma: optional Gaussian width, ``> 0``.
+        batch_size: runs computed together (vmapped), ``>= 1``; larger values are clipped to
+            ``num_runs``. Memory grows with it, not with ``num_runs``.
 
     Returns:
         A :class:`Density`. Costs ``num_runs * num_iters`` products. If a run meets NaN/Inf,
         its nodes are NaN and so is the density (never a silently wrong curve).
 
     Raises:
-        ValueError: ``num_runs``, ``num_iters``, ``sigma`` or ``grid`` out of range.
+        ValueError: ``num_runs``, ``num_iters``, ``batch_size``, ``sigma`` or ``grid`` out of
+            range.
+        InsufficientMemoryError: (a ``MemoryError``) the runs of one batch cannot fit.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -120,9 +137,16 @@ def spectral_density(
     if num_iters > op.dim:
         msg = f"num_iters must be <= the operator's dimension {op.dim}, got {num_iters}."
         raise ValueError(msg)
+    batch_size = min(validation.check_positive_int(batch_size, "batch_size"), num_runs)
     if sigma is not None:
         validation.check_positive(sigma, "sigma")
-    dtype = op.dtype
+    memory.check_fits(
+        memory.slq_vectors(num_iters, batch_size),
+        op.like,
+        f"spectral_density(num_iters={num_iters}, batch_size={batch_size})",
+        reduce="a smaller batch_size (1 runs one run at a time) or fewer num_iters",
+    )
+    dtype = krylov.krylov_dtype(op.like)
     if grid is not None:
         if not isinstance(grid, jax.core.Tracer):
             g = np.asarray(grid)
@@ -137,7 +161,7 @@ def spectral_density(
             raise ValueError(msg)
         grid = jnp.asarray(grid, dtype)
     sigma = None if sigma is None else jnp.asarray(sigma, dtype)
-    return _slq(op, key, grid, sigma, num_runs, num_iters)
+    return _slq(op, key, grid, sigma, num_runs, num_iters, batch_size)
 
 
 def _quadrature(alphas: jax.Array, betas: jax.Array, num_steps: jax.Array):
@@ -160,13 +184,75 @@ def _quadrature(alphas: jax.Array, betas: jax.Array, num_steps: jax.Array):
     return nodes[order], weights[order]
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5))
-def _slq(op, key, grid, sigma, num_runs: int, num_iters: int) -> Density:
-    # Each run linearizes the operator inside the Lanczos body; under vmap over keys the
-    # operator is unbatched, so that work is done once.
-    runs = jax.vmap(lambda k: _lanczos(op, k, None, num_iters))(jax.random.split(key, num_runs))
-    nodes, weights = jax.vmap(_quadrature)(runs.alphas, runs.betas, runs.num_steps)
-    bad = ~runs.ok[:, None]
+def _krylov_operator(op: LinearOperator) -> LinearOperator:
+    """``op`` on Krylov-precision vectors, products still in the parameters' dtypes."""
+    like = krylov.krylov_like(op.like)
+    same = jax.tree_util.tree_all(
+        jax.tree_util.tree_map(lambda a, b: a.dtype == b.dtype, like, op.like)
+    )
+    if same:
+        return op
+    return LinearOperator(krylov.product(op), like)
+
+
+def _map_in_batches(fn, xs: jax.Array, batch_size: int):
+    """``fn`` over the leading axis of ``xs``, ``batch_size`` at a time (vmapped within a batch).
+
+    Like ``jax.lax.map(fn, xs, batch_size=...)``, with two differences measured on the Lanczos
+    runs: a batch of one calls ``fn`` unbatched (a size-1 vmap turns the basis's in-place row
+    updates into copies: 94 instead of 34 vectors for one 30-step run), and a ragged last
+    batch runs inside the same loop, as the other branch of a ``lax.cond``, so that its bases
+    share memory with the full batches' (run after the loop, they were held on top of them).
+    """
+    n = xs.shape[0]
+    full, rest = divmod(n, batch_size)
+    num_batches = full + (rest > 0)
+
+    def batch(x: jax.Array):
+        if x.shape[0] == 1:
+            return jax.tree_util.tree_map(lambda a: a[None], fn(x[0]))
+        return jax.vmap(fn)(x)
+
+    if rest == 0:
+        stacked = jax.lax.map(batch, xs.reshape(full, batch_size, *xs.shape[1:]))
+    else:
+        # Pad with copies of the first entries; the ragged branch never evaluates them.
+        pad = jnp.concatenate([xs, xs[: num_batches * batch_size - n]])
+        pad = pad.reshape(num_batches, batch_size, *xs.shape[1:])
+        like = jax.eval_shape(batch, pad[0])
+
+        def ragged(x: jax.Array):
+            out = batch(x[:rest])
+            return jax.tree_util.tree_map(
+                lambda o, s: jnp.zeros(s.shape, s.dtype).at[:rest].set(o), out, like
+            )
+
+        def step(ix):
+            i, x = ix
+            return jax.lax.cond(i < full, batch, ragged, x)
+
+        stacked = jax.lax.map(step, (jnp.arange(num_batches), pad))
+    flat = jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[2:]), stacked)
+    return jax.tree_util.tree_map(lambda a: a[:n], flat)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))
+def _slq(op, key, grid, sigma, num_runs: int, num_iters: int, batch_size: int) -> Density:
+    # Linearize once, outside the map over runs: every run then pays only for tangent passes.
+    # Linearizing an already linearized operator returns it unchanged.
+    lin = _krylov_operator(op.linearize())
+
+    def run(k: jax.Array):
+        # Only the small tridiagonal leaves a run: its basis dies with it, so the map holds
+        # one batch of bases, not num_runs of them.
+        res = _lanczos(lin, k, None, num_iters)
+        return res.alphas, res.betas, res.num_steps, res.ok
+
+    keys = jax.random.split(key, num_runs)
+    alphas, betas, num_steps, ok = _map_in_batches(run, keys, batch_size)
+    dtype = krylov.krylov_dtype(op.like)
+    nodes, weights = jax.vmap(_quadrature)(alphas.astype(dtype), betas.astype(dtype), num_steps)
+    bad = ~ok[:, None]
     nodes = jnp.where(bad, jnp.nan, nodes)
     weights = jnp.where(bad, jnp.nan, weights)
 

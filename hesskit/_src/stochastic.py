@@ -1,9 +1,10 @@
 """Randomized trace and diagonal estimators for operators known only through products.
 
-Probes are Rademacher vectors shaped like the operator's pytree. They are applied in batches
-(one :func:`jax.vmap` of the product per chunk of :data:`PROBE_CHUNK` probes, chunks run by
-:func:`jax.lax.map` / :func:`jax.lax.scan`), so memory stays at one chunk of vectors while the
-hardware sees batched products.
+Probes are Rademacher vectors shaped like the operator's pytree
+(:func:`~hesskit.tree_random_rademacher`, drawn at Krylov precision). They are applied in chunks
+(one :func:`jax.vmap` of the product per chunk of ``chunk_size`` probes, default
+:data:`PROBE_CHUNK`, chunks run one after another by a :func:`jax.lax.scan`), so memory stays at
+one chunk of vectors (plus Hutch++'s basis) while the hardware sees batched products.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
-
-from hesskit._src import validation
+from hesskit._src import krylov, memory, validation
 from hesskit._src.operators import LinearOperator
 from hesskit._src.tree import (
     tree_add,
     tree_matvec,
+    tree_norm,
+    tree_normalize,
+    tree_random_rademacher,
     tree_rmatvec,
     tree_scale,
     tree_sub,
@@ -33,14 +35,15 @@ __all__ = ["PROBE_CHUNK", "Estimate", "diagonal", "trace"]
 TRACE_METHODS = ("hutchinson", "hutch++")
 
 PROBE_CHUNK = 25
-"""Probes applied together in one batched product; larger budgets run in chunks of this size."""
+"""The default ``chunk_size``: probes applied together in one batched product."""
 
 
 class Estimate(NamedTuple):
     """A randomized estimate with its standard error.
 
     Attributes:
-        value: the estimate (a scalar in the operator's dtype).
+        value: the estimate (a scalar in the Krylov dtype: the operator's dtype for float32
+            and float64 parameters, float32 for bfloat16 ones).
         stderr: the estimated standard error of ``value`` (sample standard deviation of the
             random part over the square root of its number of probes); ``inf`` when the random
             part has fewer than two probes, so no spread can be measured.
@@ -52,37 +55,69 @@ class Estimate(NamedTuple):
     num_matvecs: jax.Array
 
 
-def _zeros(like: PyTree) -> PyTree:
-    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), like)
+def _batched(fn, xs: PyTree) -> PyTree:
+    """``fn`` over the leading axis of ``xs`` at once; a batch of one runs unbatched.
 
-
-def rademacher_probe(key: jax.Array, like: PyTree) -> PyTree:
-    """A Rademacher vector shaped like ``like``, drawn as one flat sample and split into leaves.
-
-    One draw for the whole pytree (rather than one per leaf, as
-    :func:`~hesskit.tree_random_rademacher` does) keeps the compiled program small: a network
-    with dozens of parameter leaves would otherwise compile dozens of random-bit generators.
+    A size-1 vmap is not free: XLA turns in-place row updates inside it into copies.
     """
-    leaves, treedef = jax.tree_util.tree_flatten(like)
-    dtype = jnp.result_type(*[leaf.dtype for leaf in leaves])
-    flat = jax.random.rademacher(key, (sum(leaf.size for leaf in leaves),), dtype)
-    out, start = [], 0
-    for leaf in leaves:
-        out.append(flat[start : start + leaf.size].reshape(leaf.shape).astype(leaf.dtype))
-        start += leaf.size
-    return jax.tree_util.tree_unflatten(treedef, out)
+    n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+    if n == 1:
+        one = fn(jax.tree_util.tree_map(lambda a: a[0], xs))
+        return jax.tree_util.tree_map(lambda a: a[None], one)
+    return jax.vmap(fn)(xs)
 
 
-def _quadratic_samples(op: LinearOperator, keys: jax.Array, project=None) -> jax.Array:
-    """``z^T A z`` for one Rademacher ``z`` per key (optionally ``z`` projected first)."""
+def _fold_chunks(body, carry: PyTree, xs: PyTree, chunk: int) -> PyTree:
+    """``carry = body(carry, xs[i : i + chunk])`` over consecutive chunks of ``xs``.
+
+    ``xs`` is a pytree of arrays sharing a leading axis ``n``; the chunks run one after
+    another in one :func:`jax.lax.scan`. A ragged last chunk (``n % chunk`` entries) runs in
+    the same loop as the other branch of a :func:`jax.lax.cond`: run after the loop instead,
+    XLA holds its buffers on top of the loop's (measured), doubling the peak.
+    """
+    n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+    full, rest = divmod(n, chunk)
+    if full == 0:
+        return body(carry, xs)
+    if rest == 0:
+        batches = jax.tree_util.tree_map(lambda a: a.reshape(full, chunk, *a.shape[1:]), xs)
+        return jax.lax.scan(lambda c, x: (body(c, x), None), carry, batches)[0]
+    num = full + 1
+
+    def pad(a: jax.Array) -> jax.Array:
+        # Filler entries (copies of the first ones) are never read: the ragged branch cuts them.
+        return jnp.concatenate([a, a[: num * chunk - n]]).reshape(num, chunk, *a.shape[1:])
+
+    def ragged(c: PyTree, x: PyTree) -> PyTree:
+        return body(c, jax.tree_util.tree_map(lambda a: a[:rest], x))
+
+    def step(c: PyTree, ix: tuple) -> tuple[PyTree, None]:
+        i, x = ix
+        return jax.lax.cond(i < full, body, ragged, c, x), None
+
+    return jax.lax.scan(step, carry, (jnp.arange(num), jax.tree_util.tree_map(pad, xs)))[0]
+
+
+def _quadratic_samples(apply, like: PyTree, keys: jax.Array, chunk: int, project=None):
+    """``z^T A z`` for one Rademacher ``z`` per key (``z`` projected first if asked).
+
+    ``apply`` maps Krylov-precision vectors to Krylov-precision products; ``chunk`` probes
+    are applied together.
+    """
+    n = keys.shape[0]
 
     def sample(key: jax.Array) -> jax.Array:
-        z = rademacher_probe(key, op.like)
+        z = tree_random_rademacher(key, like)
         if project is not None:
             z = project(z)
-        return tree_vdot(z, op(z))
+        return tree_vdot(z, apply(z))
 
-    return jax.lax.map(sample, keys, batch_size=min(keys.shape[0], PROBE_CHUNK))
+    def body(out: jax.Array, batch: tuple) -> jax.Array:
+        idx, ks = batch
+        return out.at[idx].set(_batched(sample, ks))
+
+    out = jnp.zeros(n, krylov.krylov_dtype(like))
+    return _fold_chunks(body, out, (jnp.arange(n), keys), chunk)
 
 
 def _mean_and_stderr(samples: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -94,7 +129,12 @@ def _mean_and_stderr(samples: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def trace(
-    op: LinearOperator, key: jax.Array, *, num_probes: int = 100, method: str = "hutch++"
+    op: LinearOperator,
+    key: jax.Array,
+    *,
+    num_probes: int = 100,
+    method: str = "hutch++",
+    chunk_size: int = PROBE_CHUNK,
 ) -> Estimate:
     r"""Estimate :math:`\operatorname{tr}(A)` from ``num_probes`` products with random vectors.
 
@@ -104,13 +144,31 @@ def trace(
 
     ``"hutch++"`` (Meyer et al. 2021) splits the budget in thirds: it sketches the range of
     :math:`A` with :math:`k = \lfloor n/3 \rfloor` Rademacher vectors :math:`S`, takes an
-    orthonormal basis :math:`Q` of :math:`AS` (a thin QR of the ``dim x k`` block, on device),
-    computes :math:`\operatorname{tr}(Q^\top A Q)` exactly with :math:`k` more products, and
-    runs Hutchinson with the remaining :math:`n - 2k` probes on the deflated
-    :math:`(I - QQ^\top) A (I - QQ^\top)`. When a few eigenvalues dominate (the shape of neural
-    network Hessians) the deflated remainder has a much smaller Frobenius norm, and the error
-    falls like :math:`1/n` instead of :math:`1/\sqrt{n}`. The reported standard error is that
-    of the Hutchinson part (the deflated trace is exact given :math:`Q`).
+    orthonormal basis :math:`Q` of :math:`AS`, computes :math:`\operatorname{tr}(Q^\top A Q)`
+    exactly with :math:`k` more products, and runs Hutchinson with the remaining
+    :math:`n - 2k` probes on the deflated :math:`(I - QQ^\top) A (I - QQ^\top)`. When a few
+    eigenvalues dominate (the shape of neural network Hessians) the deflated remainder has a
+    much smaller Frobenius norm, and the error falls like :math:`1/n` instead of
+    :math:`1/\sqrt{n}`. The reported standard error is that of the Hutchinson part (the
+    deflated trace is exact given :math:`Q`).
+
+    :math:`Q` is built on the pytree as the sketch is taken: each image :math:`A s_j` is
+    orthogonalized against the rows so far by two passes of classical Gram-Schmidt
+    (:func:`hesskit._src.krylov.orthogonalize`) and becomes the next row, so the sketch is
+    never stored next to its basis and no ``dim x k`` matrix is raveled. An image that is
+    (numerically) in the span of the rows so far, as for a low-rank :math:`A`, leaves a zero
+    row instead of a direction made of rounding: the rows stay orthonormal or zero, so
+    :math:`QQ^\top` stays an orthogonal projector and the estimate stays unbiased.
+
+    Memory: Hutchinson holds ``2 * chunk_size + 4`` parameter-sized vectors (a chunk of probes
+    and their products), Hutch++ ``num_probes // 3 + 2 * chunk_size + 4`` (its basis plus a
+    chunk), whatever ``num_probes`` otherwise (:func:`hesskit._src.memory.hutchinson_vectors`,
+    :func:`hesskit._src.memory.hutchpp_vectors`). A request that cannot fit in the memory the
+    backend reports raises before anything runs.
+
+    Mixed precision: probes, the basis and every sum are in float32 or wider
+    (:func:`hesskit._src.krylov.krylov_like`); the products run in the parameters' own dtypes.
+    For bfloat16 parameters the estimate is float32.
 
     The operator is linearized once (:meth:`LinearOperator.linearize`). The function is
     jit-compatible and vmappable over ``key``; gradients through it are not promised.
@@ -120,12 +178,16 @@ def trace(
         key: PRNG key for the probes.
         num_probes: total number of operator products, ``>= 1`` (``>= 3`` for ``"hutch++"``).
         method: ``"hutch++"`` (default) or ``"hutchinson"``.
+        chunk_size: probes applied together in one batched product, ``>= 1``; memory grows
+            with it, the result does not depend on it beyond rounding.
 
     Returns:
-        An :class:`Estimate` with ``num_matvecs == num_probes``.
+        An :class:`Estimate` with ``num_matvecs == num_probes``, in the Krylov dtype (the
+        operator's dtype for float32 and float64 parameters).
 
     Raises:
-        ValueError: unknown ``method`` or ``num_probes`` out of range.
+        ValueError: unknown ``method``, or ``num_probes`` or ``chunk_size`` out of range.
+        InsufficientMemoryError: (a ``MemoryError``) the vectors cannot fit.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -144,39 +206,88 @@ def trace(
     method = validation.check_one_of(method, "method", TRACE_METHODS)
     minimum = 3 if method == "hutch++" else 1
     num_probes = validation.check_positive_int(num_probes, "num_probes", minimum=minimum)
-    return _trace(op, key, num_probes, method)
+    chunk_size = validation.check_positive_int(chunk_size, "chunk_size")
+    if method == "hutch++":
+        k = num_probes // 3
+        chunk = min(chunk_size, max(k, num_probes - 2 * k))
+        needed = memory.hutchpp_vectors(num_probes, chunk)
+    else:
+        chunk = min(chunk_size, num_probes)
+        needed = memory.hutchinson_vectors(chunk)
+    memory.check_fits(
+        needed,
+        op.like,
+        f"trace(method={method!r}, num_probes={num_probes}, chunk_size={chunk})",
+        reduce="a smaller chunk_size" + (" or fewer num_probes" if method == "hutch++" else ""),
+    )
+    return _trace(op, key, num_probes, method, chunk)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _trace(op: LinearOperator, key: jax.Array, n: int, method: str) -> Estimate:
-    op = op.linearize()
-    dtype = op.dtype
+def _orthonormal_rows(basis: PyTree, rows: PyTree, at: jax.Array) -> PyTree:
+    """Orthogonalize each of ``rows`` in turn against ``basis`` and store it at ``at[j]``.
+
+    Two passes of classical Gram-Schmidt against every row of ``basis`` (unfilled rows are
+    zero and contribute nothing). A row left with less than ``sqrt(eps)`` of its norm is in
+    the span already; it is stored as zero, since normalizing what is left would turn rounding
+    into a direction that Gram-Schmidt can no longer make orthogonal.
+    """
+    dtype = krylov.krylov_dtype(rows)
+    floor = jnp.sqrt(jnp.finfo(dtype).eps)
+
+    def insert(j: int, basis: PyTree) -> PyTree:
+        y = jax.tree_util.tree_map(lambda a: a[j], rows)
+        w, _ = krylov.orthogonalize(basis, y)
+        w, norm = tree_normalize(w)
+        keep = norm > floor * tree_norm(y)
+        w = tree_scale(jnp.where(keep, 1.0, 0.0), w)
+        return jax.tree_util.tree_map(lambda b, x: b.at[at[j]].set(x), basis, w)
+
+    return jax.lax.fori_loop(0, at.shape[0], insert, basis)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _trace(op: LinearOperator, key: jax.Array, n: int, method: str, chunk: int) -> Estimate:
+    apply = krylov.product(op.linearize())
+    like = krylov.krylov_like(op.like)
+    num = jnp.asarray(n, jnp.int32)
     if method == "hutchinson":
-        value, stderr = _mean_and_stderr(_quadratic_samples(op, jax.random.split(key, n)))
-        return Estimate(value, stderr, jnp.asarray(n, jnp.int32))
+        samples = _quadratic_samples(apply, like, jax.random.split(key, n), chunk)
+        value, stderr = _mean_and_stderr(samples)
+        return Estimate(value, stderr, num)
 
     k = n // 3
     key_s, key_g = jax.random.split(key)
-    sketch = jax.vmap(lambda kk: rademacher_probe(kk, op.like))(jax.random.split(key_s, k))
-    image = op.matmat(sketch)
-    # The QR of a dim x k block is small dense work; ravelling it inside the compiled function
-    # keeps it on device. Householder QR returns orthonormal columns even when A S is rank
-    # deficient (a low-rank operator), so the projector below stays a projector.
-    _, unravel = ravel_pytree(_zeros(op.like))
-    rows = jax.vmap(lambda t: ravel_pytree(t)[0])(image)
-    q, _ = jnp.linalg.qr(rows.T.astype(dtype))
-    basis = jax.vmap(unravel)(q.T)
-    exact = jnp.sum(jax.vmap(tree_vdot)(basis, op.matmat(basis)))
+
+    # The range finder: images of the sketch, a chunk at a time, each folded into Q at once.
+    def sketch(basis: PyTree, batch: tuple) -> PyTree:
+        idx, ks = batch
+        images = _batched(lambda kk: apply(tree_random_rademacher(kk, like)), ks)
+        return _orthonormal_rows(basis, images, idx)
+
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros((k, *s.shape), s.dtype), like)
+    sketch_chunk = min(chunk, k)
+    basis = _fold_chunks(sketch, zeros, (jnp.arange(k), jax.random.split(key_s, k)), sketch_chunk)
+
+    def exact(total: jax.Array, idx: jax.Array) -> jax.Array:
+        rows = jax.tree_util.tree_map(lambda b: b[idx], basis)
+        return total + jnp.sum(_batched(lambda q: tree_vdot(q, apply(q)), rows))
+
+    total = jnp.zeros((), krylov.krylov_dtype(like))
+    exact_trace = _fold_chunks(exact, total, jnp.arange(k), sketch_chunk)
 
     def deflate(z: PyTree) -> PyTree:
         return tree_sub(z, tree_matvec(basis, tree_rmatvec(basis, z)))
 
-    samples = _quadratic_samples(op, jax.random.split(key_g, n - 2 * k), project=deflate)
+    m = n - 2 * k
+    keys = jax.random.split(key_g, m)
+    samples = _quadratic_samples(apply, like, keys, min(chunk, m), project=deflate)
     rest, stderr = _mean_and_stderr(samples)
-    return Estimate((exact + rest).astype(dtype), stderr.astype(dtype), jnp.asarray(n, jnp.int32))
+    return Estimate(exact_trace + rest, stderr, num)
 
 
-def diagonal(op: LinearOperator, key: jax.Array, *, num_probes: int = 100) -> PyTree:
+def diagonal(
+    op: LinearOperator, key: jax.Array, *, num_probes: int = 100, chunk_size: int = PROBE_CHUNK
+) -> PyTree:
     r"""Estimate the diagonal of :math:`A` as a pytree shaped like the parameters.
 
     Bekas, Kokiopoulou and Saad (2007): with Rademacher probes :math:`z`,
@@ -186,21 +297,30 @@ def diagonal(op: LinearOperator, key: jax.Array, *, num_probes: int = 100) -> Py
 
     unbiased, with entry :math:`i` carrying variance
     :math:`\sum_{l \ne i} A_{il}^2 / n` (exact for a diagonal operator, since
-    :math:`z_i^2 = 1`). Probes run in batches of :data:`PROBE_CHUNK` (a
-    :func:`jax.lax.scan` over chunks, one :func:`jax.vmap` inside), so memory stays at one chunk
-    whatever ``num_probes``. The operator's shift is included. Jit-compatible and vmappable
-    over ``key``; gradients through it are not promised.
+    :math:`z_i^2 = 1`). Probes run in chunks of ``chunk_size`` (a :func:`jax.lax.scan` over
+    chunks, one :func:`jax.vmap` inside). The operator's shift is included. Jit-compatible and
+    vmappable over ``key``; gradients through it are not promised.
+
+    Memory: ``2 * chunk_size + 4`` parameter-sized vectors (a chunk of probes and their
+    products, and the running sum), whatever ``num_probes``
+    (:func:`hesskit._src.memory.diagonal_vectors`). A request that cannot fit in the memory
+    the backend reports raises before anything runs.
+
+    Mixed precision: the probes and the running sum are float32 or wider, the products run in
+    the parameters' dtypes, and the result is cast back to them.
 
     Args:
         op: a symmetric :class:`~hesskit.LinearOperator`.
         key: PRNG key for the probes.
         num_probes: number of probes (operator products), ``>= 1``.
+        chunk_size: probes applied together in one batched product, ``>= 1``.
 
     Returns:
         A pytree with the structure, shapes and dtypes of ``op.like``.
 
     Raises:
-        ValueError: ``num_probes`` out of range.
+        ValueError: ``num_probes`` or ``chunk_size`` out of range.
+        InsufficientMemoryError: (a ``MemoryError``) the vectors cannot fit.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -213,29 +333,29 @@ def diagonal(op: LinearOperator, key: jax.Array, *, num_probes: int = 100) -> Py
         Numerical Mathematics 57(11-12), 2007.
     """
     num_probes = validation.check_positive_int(num_probes, "num_probes")
-    return _diagonal(op, key, num_probes)
+    chunk = min(validation.check_positive_int(chunk_size, "chunk_size"), num_probes)
+    memory.check_fits(
+        memory.diagonal_vectors(chunk),
+        op.like,
+        f"diagonal(num_probes={num_probes}, chunk_size={chunk})",
+        reduce="a smaller chunk_size",
+    )
+    return _diagonal(op, key, num_probes, chunk)
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _diagonal(op: LinearOperator, key: jax.Array, n: int) -> PyTree:
-    op = op.linearize()
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _diagonal(op: LinearOperator, key: jax.Array, n: int, chunk: int) -> PyTree:
+    apply = krylov.product(op.linearize())
+    like = krylov.krylov_like(op.like)
 
     def product(key: jax.Array) -> PyTree:
-        z = rademacher_probe(key, op.like)
-        return jax.tree_util.tree_map(jnp.multiply, z, op(z))
+        z = tree_random_rademacher(key, like)
+        return jax.tree_util.tree_map(jnp.multiply, z, apply(z))
 
-    def chunk_sum(keys: jax.Array) -> PyTree:
-        return jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), jax.vmap(product)(keys))
+    def body(total: PyTree, ks: jax.Array) -> PyTree:
+        part = jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), _batched(product, ks))
+        return tree_add(total, part)
 
-    keys = jax.random.split(key, n)
-    chunk = min(n, PROBE_CHUNK)
-    full = n // chunk
-    chunked = keys[: full * chunk].reshape(full, chunk, *keys.shape[1:])
-
-    def body(total: PyTree, ks: jax.Array) -> tuple[PyTree, None]:
-        return tree_add(total, chunk_sum(ks)), None
-
-    total, _ = jax.lax.scan(body, _zeros(op.like), chunked)
-    if full * chunk < n:
-        total = tree_add(total, chunk_sum(keys[full * chunk :]))
-    return tree_scale(1.0 / n, total)
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), like)
+    total = _fold_chunks(body, zeros, jax.random.split(key, n), chunk)
+    return krylov.cast_like(tree_scale(1.0 / n, total), op.like)

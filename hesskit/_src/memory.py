@@ -1,0 +1,225 @@
+"""The memory each solver holds, in parameter-sized vectors, and a check before a solve.
+
+Every hesskit solver holds a number of vectors shaped like the parameters that depends only on
+its static settings (``krylov_dim``, ``num_iters``, ``batch_size``, ``chunk_size``), not on the
+number of products it spends. The functions here state that number, the same one each solver's
+docstring gives under "Memory:", and the suite checks it against XLA's own accounting
+(``jax.jit(...).lower(...).compile().memory_analysis()``, see ``tests/test_memory.py``).
+
+A vector is counted at Krylov precision (:func:`hesskit._src.krylov.krylov_like`: float32 or
+wider), since the bases and accumulators live there even when the parameters are bfloat16.
+The counts leave out the operator's own memory (the parameters, the data and what one product
+needs for activations), which the caller already holds or which does not scale with the
+solver's settings.
+
+:func:`check_fits` turns the count into bytes and, where the backend reports its free memory,
+raises before a solve that cannot fit: a clear error naming the bytes is better than an
+out-of-memory crash halfway through a compiled loop.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from hesskit._src.krylov import krylov_like
+
+PyTree = Any
+
+__all__ = [
+    "EIGSH_EXTRA",
+    "LANCZOS_EXTRA",
+    "HUTCH_EXTRA",
+    "DIRECTIONAL_EXTRA",
+    "InsufficientMemoryError",
+    "available_bytes",
+    "check_fits",
+    "diagonal_vectors",
+    "directional_vectors",
+    "eigsh_vectors",
+    "hutchinson_vectors",
+    "hutchpp_vectors",
+    "lanczos_vectors",
+    "slq_vectors",
+    "vector_bytes",
+]
+
+EIGSH_EXTRA = 6
+"""Vectors eigsh holds beyond its two stacks of ``krylov_dim`` (the current and next Lanczos
+vectors, a product, Gram-Schmidt temporaries)."""
+
+LANCZOS_EXTRA = 6
+"""Vectors one Lanczos run holds beyond its basis (the current vector, its product, the
+Gram-Schmidt temporaries and the start vector)."""
+
+HUTCH_EXTRA = 4
+"""Vectors the trace and diagonal estimators hold beyond their stacks (an accumulator, the
+reductions' temporaries)."""
+
+DIRECTIONAL_EXTRA = 6
+"""Vectors a directional loss holds beyond its chunk of shifted points (the point, its
+gradient, the direction, a Hessian-vector product and its temporaries)."""
+
+
+class InsufficientMemoryError(MemoryError, ValueError):
+    """A solve needs more memory than the device (or host) has free.
+
+    A :class:`MemoryError` (what it is) and a :class:`ValueError` (the settings asked for it),
+    so either ``except`` catches it.
+    """
+
+
+def _positive(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        msg = f"{name} must be a positive int, got {value!r}."
+        raise ValueError(msg)
+    return int(value)
+
+
+def eigsh_vectors(krylov_dim: int, k: int, *, return_eigenvectors: bool = True) -> int:
+    """Peak vectors of :func:`hesskit.eigsh`: ``2 * krylov_dim + EIGSH_EXTRA``.
+
+    Two stacks of ``krylov_dim`` vectors (the basis and its stored products, compressed in
+    place at each restart) plus :data:`EIGSH_EXTRA`; the ``k`` returned eigenvectors are
+    combinations formed in the basis's place. Without eigenvectors no basis is stored:
+    :data:`EIGSH_EXTRA` vectors whatever the number of products.
+    """
+    krylov_dim, k = _positive(krylov_dim, "krylov_dim"), _positive(k, "k")
+    if k > krylov_dim:
+        msg = f"k must be <= krylov_dim, got k={k}, krylov_dim={krylov_dim}."
+        raise ValueError(msg)
+    if not return_eigenvectors:
+        return EIGSH_EXTRA
+    return 2 * krylov_dim + EIGSH_EXTRA
+
+
+def lanczos_vectors(num_iters: int) -> int:
+    """Peak vectors of :func:`hesskit.lanczos`: its basis plus ``LANCZOS_EXTRA``."""
+    return _positive(num_iters, "num_iters") + LANCZOS_EXTRA
+
+
+def slq_vectors(num_iters: int, batch_size: int = 1) -> int:
+    """Peak vectors of :func:`hesskit.spectral_density`: ``batch_size * lanczos_vectors``.
+
+    Runs go one batch at a time, so the count does not depend on ``num_runs``; each run of a
+    batch holds its own basis of ``num_iters`` vectors.
+    """
+    return _positive(batch_size, "batch_size") * lanczos_vectors(num_iters)
+
+
+def hutchinson_vectors(chunk_size: int) -> int:
+    """Peak vectors of Hutchinson's trace: ``2 * chunk_size + HUTCH_EXTRA``.
+
+    A chunk of probes and their products, whatever ``num_probes``.
+    """
+    return 2 * _positive(chunk_size, "chunk_size") + HUTCH_EXTRA
+
+
+def hutchpp_vectors(num_probes: int, chunk_size: int) -> int:
+    """Peak vectors of Hutch++: ``num_probes // 3 + 2 * chunk_size + HUTCH_EXTRA``.
+
+    The orthonormal basis of the sketch's range (``num_probes // 3`` rows, built as the sketch
+    is taken, so the sketch itself is never stored whole) plus one chunk of probes and their
+    products.
+    """
+    num_probes = _positive(num_probes, "num_probes")
+    return num_probes // 3 + hutchinson_vectors(chunk_size)
+
+
+def diagonal_vectors(chunk_size: int) -> int:
+    """Peak vectors of :func:`hesskit.diagonal`: ``2 * chunk_size + HUTCH_EXTRA``.
+
+    A chunk of probes and their products; the running sum is one of the extra vectors.
+    """
+    return hutchinson_vectors(chunk_size)
+
+
+def directional_vectors(chunk_size: int) -> int:
+    """Peak vectors of one directional loss: ``chunk_size + DIRECTIONAL_EXTRA``.
+
+    One chunk of the ``alpha`` grid's shifted points at a time, whatever the grid's length
+    (each point also needs the activations of one loss evaluation, not counted here).
+    """
+    return _positive(chunk_size, "chunk_size") + DIRECTIONAL_EXTRA
+
+
+def vector_bytes(like: PyTree) -> int:
+    """Bytes of one vector shaped like ``like`` at Krylov precision (float32 or wider)."""
+    leaves = jax.tree_util.tree_leaves(krylov_like(like))
+    return int(sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in leaves))
+
+
+def _device_free_bytes() -> int | None:
+    try:
+        stats = jax.local_devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001  (a backend without the query: no device check)
+        return None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
+def _host_bytes() -> int | None:
+    # Total physical memory, not the "free" figure: free memory moves with the page cache, and
+    # this check must never refuse a solve that could run. It catches the impossible requests.
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def available_bytes() -> tuple[int | None, str]:
+    """The memory a solve may use and where the figure comes from.
+
+    Accelerators report their allocator's limit and use (``memory_stats()``): the free device
+    memory. Backends that do not (CPU) fall back to the host's total physical memory, where
+    that is known; ``(None, ...)`` when neither is.
+    """
+    free = _device_free_bytes()
+    if free is not None:
+        return free, f"free on {jax.local_devices()[0].device_kind}"
+    host = _host_bytes()
+    if host is not None:
+        return host, "of host memory"
+    return None, "unknown"
+
+
+def _fmt(num_bytes: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if num_bytes >= size:
+            return f"{num_bytes / size:.2f} {unit}"
+    return f"{num_bytes} B"
+
+
+def check_fits(num_vectors: int, like: PyTree, what: str, *, reduce: str = "") -> int:
+    """Raise before a solve whose vectors cannot fit; return the bytes it needs.
+
+    Args:
+        num_vectors: the solver's peak count (from the functions in this module).
+        like: a pytree shaped like one vector (e.g. ``op.like``).
+        what: the solver and its settings, for the message (e.g. ``"eigsh(krylov_dim=40)"``).
+        reduce: how to need less, for the message (e.g. ``"a smaller krylov_dim"``).
+
+    Returns:
+        The bytes needed, ``num_vectors * vector_bytes(like)``.
+
+    Raises:
+        InsufficientMemoryError: (a ``MemoryError`` and a ``ValueError``) when the bytes needed
+            exceed those available (:func:`available_bytes`). Nothing is checked where no
+            figure is known.
+    """
+    per_vector = vector_bytes(like)
+    needed = int(num_vectors) * per_vector
+    available, source = available_bytes()
+    if available is not None and needed > available:
+        hint = f" To need less, use {reduce}." if reduce else ""
+        msg = (
+            f"{what} needs {needed:,} bytes ({_fmt(needed)}: {num_vectors} vectors of "
+            f"{_fmt(per_vector)}) but only {available:,} bytes ({_fmt(available)}) are "
+            f"available ({source}).{hint}"
+        )
+        raise InsufficientMemoryError(msg)
+    return needed

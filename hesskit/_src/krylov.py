@@ -14,34 +14,43 @@ bfloat16 kernels.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from hesskit._src.tree import (
+    _HIGHEST,
     tree_matvec,
+    tree_norm,
     tree_normalize,
     tree_random_sphere,
     tree_rmatvec,
     tree_sub,
+    tree_vdot,
 )
 
 PyTree = Any
 
 __all__ = [
     "CONVERGED",
+    "KrylovState",
     "MAX_MATVECS",
     "NONFINITE",
     "PRECISION_FLOOR",
     "cast_like",
     "default_tol",
     "krylov_dtype",
+    "init_state",
     "krylov_like",
+    "lanczos_step",
     "orthogonalize",
     "product",
     "random_orthogonal",
+    "ritz",
+    "ritz_pairs",
+    "rotate_rows",
     "to_krylov",
 ]
 
@@ -122,36 +131,240 @@ def _rows(basis: PyTree, num_rows: int | None) -> PyTree:
     return jax.tree_util.tree_map(lambda b: b[:num_rows], basis)
 
 
+def _masked(h: jax.Array, filled: jax.Array | None) -> jax.Array:
+    if filled is None:
+        return h
+    return jnp.where(jnp.arange(h.shape[0]) < filled, h, 0.0).astype(h.dtype)
+
+
 def orthogonalize(
-    basis: PyTree, w: PyTree, num_rows: int | None = None
+    basis: PyTree,
+    w: PyTree,
+    num_rows: int | None = None,
+    *,
+    filled: jax.Array | None = None,
 ) -> tuple[PyTree, jax.Array]:
     """Remove from ``w`` its components along the rows of a stacked orthonormal ``basis``.
 
     Two passes of classical Gram-Schmidt ("twice is enough", Giraud et al. 2005) keep a basis
     orthonormal to working precision in float32; each pass is one batched product with the
-    basis. Rows that are zero (not filled yet) contribute nothing; ``num_rows`` (static) limits
-    the work to the first rows when only those are filled.
+    basis. ``num_rows`` (static) limits the work to the first rows; ``filled`` (traced) masks
+    the coefficients of the rows at and past it, so stale rows left by a restart are ignored.
 
     Args:
-        basis: a pytree whose leaves carry a leading axis ``m`` of orthonormal (or zero) rows.
+        basis: a pytree whose leaves carry a leading axis ``m`` of orthonormal rows.
         w: the vector to orthogonalize, shaped like one row.
         num_rows: use only the first ``num_rows`` rows (a Python int), or all when ``None``.
+        filled: the number of valid leading rows (a traced int), or all when ``None``.
 
     Returns:
         ``(w', h)``: the orthogonalized vector and the coefficients ``Q^T w`` summed over both
-        passes (shape ``(num_rows,)``), which are the new column of ``Q^T A Q`` when ``w = A q``.
+        passes, which form the new column of ``Q^T A Q`` when ``w = A q``.
     """
     rows = _rows(basis, num_rows)
-    h1 = tree_rmatvec(rows, w)
+    h1 = _masked(tree_rmatvec(rows, w), filled)
     w = tree_sub(w, tree_matvec(rows, h1))
-    h2 = tree_rmatvec(rows, w)
+    h2 = _masked(tree_rmatvec(rows, w), filled)
     w = tree_sub(w, tree_matvec(rows, h2))
     return w, h1 + h2
 
 
-def random_orthogonal(key: jax.Array, basis: PyTree, num_rows: int | None = None) -> PyTree:
-    """A random unit vector orthogonal to the rows of ``basis`` (a restart after breakdown)."""
-    like = jax.tree_util.tree_map(lambda b: jax.ShapeDtypeStruct(b.shape[1:], b.dtype), basis)
+def random_orthogonal(
+    key: jax.Array, basis: PyTree, *, filled: jax.Array | None = None
+) -> PyTree:
+    """A random unit vector orthogonal to the (first ``filled``) rows of ``basis``."""
+    like = jax.tree_util.tree_map(
+        lambda b: jax.ShapeDtypeStruct(b.shape[1:], _krylov_leaf_dtype(b.dtype)), basis
+    )
     fresh = tree_random_sphere(key, like)
-    fresh, _ = orthogonalize(basis, fresh, num_rows)
+    fresh, _ = orthogonalize(basis, fresh, filled=filled)
     return tree_normalize(fresh)[0]
+
+
+def _set_row(stack: PyTree, j: Any, x: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(lambda b, v: b.at[j].set(v.astype(b.dtype)), stack, x)
+
+
+def _rotate_leaf(leaf: jax.Array, coeffs: jax.Array, num_blocks: int) -> jax.Array:
+    # Rows 0..r-1 become coeffs @ leaf, computed a column block at a time and written back
+    # into the same buffer, so a restart needs a block of temporary rows, not a third stack.
+    r = coeffs.shape[0]
+    c = coeffs.astype(leaf.dtype)
+    if leaf.ndim < 2 or leaf.shape[1] < 2 * num_blocks:
+        return leaf.at[:r].set(jnp.tensordot(c, leaf, axes=1, precision=_HIGHEST))
+    width = leaf.shape[1] // num_blocks
+
+    def block(i, buf):
+        start = i * width
+        cols = jax.lax.dynamic_slice_in_dim(buf, start, width, axis=1)
+        new = jnp.tensordot(c, cols, axes=1, precision=_HIGHEST)
+        return jax.lax.dynamic_update_slice_in_dim(buf, new, start, axis=1)
+
+    out = jax.lax.fori_loop(0, num_blocks, block, leaf)
+    tail = num_blocks * width
+    if tail < leaf.shape[1]:
+        cols = out[:, tail:]
+        out = out.at[:r, tail:].set(jnp.tensordot(c, cols, axes=1, precision=_HIGHEST))
+    return out
+
+
+def rotate_rows(stack: PyTree, coeffs: jax.Array, *, num_blocks: int = 8) -> PyTree:
+    """Replace the first ``r`` rows of a stacked basis by ``coeffs @ rows`` (in place).
+
+    Used by thick restarts to keep ``r`` Ritz vectors ``Q s`` in the basis's own buffer; the
+    rows past ``r`` are left stale (callers mask them, see :func:`orthogonalize`).
+
+    Args:
+        stack: a pytree whose leaves carry a leading axis ``m``.
+        coeffs: shape ``(r, m)``, ``r <= m``.
+        num_blocks: column blocks per leaf; the temporary is ``r / num_blocks`` rows.
+
+    Returns:
+        The stack with rows ``0..r-1`` replaced.
+    """
+    return jax.tree_util.tree_map(lambda a: _rotate_leaf(a, coeffs, num_blocks), stack)
+
+
+class KrylovState(NamedTuple):
+    """A Lanczos basis being filled, with its projected matrix.
+
+    Attributes:
+        basis: the orthonormal rows ``Q`` (leading axis ``m``), in the storage dtype.
+        images: ``A Q`` row by row (for true residuals without new products), or ``None``.
+        proj: ``Q^T A Q``, shape ``(m, m)``, in Krylov precision.
+        q: the next direction (unit norm, orthogonal to the filled rows).
+        beta: the norm of the last residual, the coupling of ``q`` to the basis.
+        key: PRNG key for fresh directions after a breakdown.
+        scale: a running bound on ``||A||`` (for the breakdown test).
+        alive: False once a breakdown ended a run that does not restart (plain Lanczos).
+        ok: False once a NaN or Inf was met.
+    """
+
+    basis: PyTree
+    images: PyTree
+    proj: jax.Array
+    q: PyTree
+    beta: jax.Array
+    key: jax.Array
+    scale: jax.Array
+    alive: jax.Array
+    ok: jax.Array
+
+
+def init_state(
+    q0: PyTree,
+    key: jax.Array,
+    m: int,
+    *,
+    with_images: bool,
+    storage_dtype: Any = None,
+) -> KrylovState:
+    """An empty basis of ``m`` rows whose first direction is ``q0`` (unit, Krylov precision)."""
+    dtype = krylov_dtype(q0)
+
+    def stack(a):
+        return jnp.zeros((m, *a.shape), a.dtype if storage_dtype is None else storage_dtype)
+
+    zeros = jax.tree_util.tree_map(stack, q0)
+    return KrylovState(
+        basis=zeros,
+        images=jax.tree_util.tree_map(stack, q0) if with_images else None,
+        proj=jnp.zeros((m, m), dtype),
+        q=q0,
+        beta=jnp.zeros((), dtype),
+        key=key,
+        scale=jnp.zeros((), dtype),
+        alive=jnp.asarray(True),
+        ok=jnp.asarray(True),
+    )
+
+
+def lanczos_step(
+    st: KrylovState, w: PyTree, j: Any, *, restart_on_breakdown: bool = True
+) -> KrylovState:
+    """Store ``q_j = st.q`` and ``w = A q_j`` as row ``j`` and make the next direction.
+
+    The new column of ``Q^T A Q`` is the Gram-Schmidt coefficients of ``w`` against the rows
+    filled so far (``0..j``): right after a thick restart it holds the coupling to the kept
+    Ritz vectors, otherwise ``alpha_j`` and ``beta_{j-1}``. On a breakdown (an invariant
+    subspace: the residual is rounding noise) the run continues with a fresh random direction
+    with zero coupling, as ARPACK does, or stops filling when ``restart_on_breakdown`` is False.
+
+    Args:
+        st: the state; ``st.q`` is the direction whose product is ``w``.
+        w: ``A q_j`` in Krylov precision.
+        j: the row to fill (a Python or traced int).
+        restart_on_breakdown: continue after a breakdown (eigensolvers) or stop (quadrature).
+
+    Returns:
+        The state with row ``j`` filled and ``q``, ``beta`` set to the next direction.
+    """
+    m = st.proj.shape[0]
+    dtype = st.proj.dtype
+    eps = jnp.finfo(dtype).eps
+    basis = _set_row(st.basis, j, st.q)
+    images = None if st.images is None else _set_row(st.images, j, w)
+    w, h = orthogonalize(basis, w, filled=j + 1)
+    h = h.astype(dtype)
+    w, beta = tree_normalize(w)
+    beta = beta.astype(dtype)
+    finite = jnp.all(jnp.isfinite(h)) & jnp.isfinite(beta)
+    scale = jnp.maximum(st.scale, jnp.max(jnp.abs(h)) + beta)
+    breakdown = beta <= m * eps * scale
+    key, sub = jax.random.split(st.key)
+    if restart_on_breakdown:
+        q_next = jax.lax.cond(
+            breakdown,
+            lambda _: random_orthogonal(sub, basis, filled=j + 1),
+            lambda _: w,
+            None,
+        )
+        alive = st.alive
+    else:
+        alive = st.alive & ~breakdown & finite
+        q_next = jax.tree_util.tree_map(lambda x: jnp.where(alive, x, 0.0).astype(x.dtype), w)
+    beta = jnp.where(breakdown, 0.0, beta).astype(dtype)
+    idx = jnp.arange(m)
+    col = jnp.where(idx == j + 1, beta, jnp.where(idx <= j, h, 0.0)).astype(dtype)
+    proj = st.proj.at[:, j].set(col).at[j, :].set(col)
+    return KrylovState(
+        basis=basis,
+        images=images,
+        proj=proj,
+        q=q_next,
+        beta=beta,
+        key=key,
+        scale=scale,
+        alive=alive,
+        ok=st.ok & (finite | ~st.alive),
+    )
+
+
+def ritz(proj: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Ritz values (ascending) and coefficient vectors of the projected matrix ``Q^T A Q``."""
+    return jnp.linalg.eigh(proj)
+
+
+def ritz_pairs(
+    st: KrylovState, coeffs: jax.Array, theta: jax.Array
+) -> tuple[jax.Array, PyTree, jax.Array]:
+    """Refined Ritz pairs ``(values, vectors, residual norms)`` from the stored ``A Q``.
+
+    ``coeffs`` has shape ``(r, m)`` (rows of Ritz coefficients) and ``theta`` shape ``(r,)``.
+    Ritz values from the projected matrix carry rounding of order ``eps * ||A||``, which in
+    float32 swamps small eigenvalues next to a large top end (a Hessian's negative ones). The
+    Rayleigh quotient of each Ritz vector errs only by ``eps * |lambda|`` plus the squared
+    residual over the gap; it is taken as ``theta + y^T (A y - theta y) / y^T y`` so the small
+    correction, not the whole quotient, carries the rounding. No products are spent.
+    """
+    vectors = to_krylov(tree_matvec(st.basis, coeffs))
+    images = to_krylov(tree_matvec(st.images, coeffs))
+
+    def refine(a, v, lam):
+        r = tree_sub(a, jax.tree_util.tree_map(lambda x: (lam * x).astype(x.dtype), v))
+        shift = tree_vdot(v, r) / tree_vdot(v, v)
+        r = tree_sub(r, jax.tree_util.tree_map(lambda x: (shift * x).astype(x.dtype), v))
+        return lam + shift, tree_norm(r)
+
+    values, residuals = jax.vmap(refine)(images, vectors, theta)
+    return values, vectors, residuals

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from hesskit._src import validation
+from hesskit._src import krylov, validation
 from hesskit._src.operators import LinearOperator
 from hesskit._src.thick_restart import EigResult
 from hesskit._src.tree import (
@@ -69,14 +69,15 @@ def power_iteration(
     validation.check_positive(tol, "tol")
     if v0 is not None:
         validation.check_like(v0, op.like, name="v0", like_name="the operator's vectors")
-    dtype = op.dtype
+    dtype = krylov.krylov_dtype(op.like)
     return _power(op, key, v0, jnp.asarray(tol, dtype), jnp.asarray(shift, dtype), num_iters)
 
 
 @functools.partial(jax.jit, static_argnums=5)
 def _power(op, key, v0, tol, shift, num_iters) -> EigResult:
-    op = op.linearize()
-    start = tree_random_sphere(key, op.like) if v0 is None else v0
+    apply = krylov.product(op.linearize())
+    klike = krylov.krylov_like(op.like)
+    start = tree_random_sphere(key, klike) if v0 is None else krylov.to_krylov(v0)
     v, _ = tree_normalize(start)
 
     class State(NamedTuple):
@@ -87,7 +88,7 @@ def _power(op, key, v0, tol, shift, num_iters) -> EigResult:
         it: jax.Array
 
     def measure(v):
-        av = op(v)
+        av = apply(v)
         lam = tree_vdot(v, av)
         res = tree_norm(tree_axpy(-lam, v, av))
         return av, lam, res
@@ -104,12 +105,17 @@ def _power(op, key, v0, tol, shift, num_iters) -> EigResult:
     av, lam, res = measure(v)
     final = jax.lax.while_loop(cond, body, State(v, av, lam, res, jnp.ones((), jnp.int32)))
     ok = jnp.isfinite(final.lam) & jnp.isfinite(final.res)
+    converged = (final.res <= tol * jnp.abs(final.lam)) & ok
+    status = jnp.select(
+        [~ok, converged], [krylov.NONFINITE, krylov.CONVERGED], krylov.MAX_MATVECS
+    ).astype(jnp.int32)
     return EigResult(
         eigenvalues=final.lam[None],
         eigenvectors=tree_stack([final.v]),
         residuals=final.res[None],
-        converged=((final.res <= tol * jnp.abs(final.lam)) & ok)[None],
+        converged=converged[None],
         num_matvecs=final.it,
         num_restarts=jnp.zeros((), jnp.int32),
         ok=ok,
+        status=status,
     )

@@ -1,4 +1,4 @@
-"""Extreme eigenpairs of a symmetric operator by thick-restart Lanczos in one compiled loop."""
+"""Extreme eigenpairs of a symmetric operator by thick-restart Lanczos."""
 
 from __future__ import annotations
 
@@ -9,23 +9,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hesskit._src import validation
+from hesskit._src import krylov, validation
+from hesskit._src.krylov import default_tol
 from hesskit._src.operators import LinearOperator
-from hesskit._src.tree import (
-    tree_matvec,
-    tree_norm,
-    tree_normalize,
-    tree_random_sphere,
-    tree_rmatvec,
-    tree_sub,
-    tree_vdot,
-)
+from hesskit._src.tree import tree_normalize, tree_random_sphere
 
 PyTree = Any
 
-__all__ = ["EigResult", "eigsh"]
+__all__ = ["EigResult", "default_tol", "eigsh"]
 
 WHICH = ("LA", "SA", "BE", "LM")
+LOOPS = ("auto", "compiled", "host")
 
 
 class EigResult(NamedTuple):
@@ -34,15 +28,22 @@ class EigResult(NamedTuple):
     Attributes:
         eigenvalues: shape ``(k,)``, most extreme first (LA and LM descending, SA ascending, BE
             ascending); the Rayleigh quotients of ``eigenvectors``.
-        eigenvectors: a pytree shaped like the operator's vectors with a leading axis ``k``;
-            orthonormal.
+        eigenvectors: a pytree shaped like the operator's vectors (in Krylov precision: float32
+            for bfloat16 parameters) with a leading axis ``k``; orthonormal. ``None`` when
+            eigenvalues only were asked for.
         residuals: the true residual norms ``||A v_i - lambda_i v_i||``, computed from the
-            operator's stored outputs ``A Q`` (no extra products), not from a recurrence.
+            operator's stored outputs ``A Q`` (no extra products), not from a recurrence; in the
+            eigenvalues-only mode, the Lanczos estimates ``|beta_j s_{j,i}|``.
         converged: per pair, ``residual <= tol * max(|lambda|)``; False when the budget ran out
             or a NaN/Inf was met.
         num_matvecs: operator products spent.
         num_restarts: number of thick restarts performed.
         ok: False if a NaN or Inf was met (then nothing in the result is meaningful).
+        status: how the run ended, an int32 code: ``0`` every pair converged, ``1`` the product
+            budget ran out, ``2`` a NaN or Inf was met, ``3`` the tolerance is below what the
+            products' precision can reach (the true residuals stopped improving above it:
+            raise ``tol``; more products will not help). Defaults to ``0`` for results
+            built by hand.
     """
 
     eigenvalues: jax.Array
@@ -52,16 +53,7 @@ class EigResult(NamedTuple):
     num_matvecs: jax.Array
     num_restarts: jax.Array
     ok: jax.Array
-
-
-def default_tol(dtype: Any) -> float:
-    """The default relative residual tolerance: 1e-5 in float32, 1e-10 in float64."""
-    dtype = jnp.dtype(dtype)
-    if dtype == jnp.float64:
-        return 1e-10
-    if dtype == jnp.float32:
-        return 1e-5
-    return float(np.sqrt(np.finfo(dtype).eps))
+    status: jax.Array = 0  # type: ignore[assignment]  # results built by hand before it existed
 
 
 def _select(theta: jax.Array, which: str, count: int, k: int) -> jax.Array:
@@ -87,6 +79,17 @@ def _order(values: jax.Array, which: str) -> jax.Array:
     return jnp.argsort(values)
 
 
+def _default_krylov_dim(k: int, which: str, dim: int, max_matvecs: int | None) -> int:
+    # The bottom of a Hessian spectrum sits next to a dense bulk near zero, where a larger
+    # basis cuts the number of products two to three times (benchmarks/eigs.py).
+    floor = 40 if which in ("SA", "BE") else 20
+    m = min(dim, max(2 * k + 1, floor))
+    if max_matvecs is not None:
+        # A small budget shrinks the default basis rather than being refused.
+        m = max(min(m, max_matvecs), min(k + 1, dim))
+    return m
+
+
 def eigsh(
     op: LinearOperator,
     key: jax.Array,
@@ -98,63 +101,91 @@ def eigsh(
     krylov_dim: int | None = None,
     v0: PyTree | None = None,
     verify: bool = True,
+    return_eigenvectors: bool = True,
+    loop: str = "auto",
+    basis_dtype: Any = None,
 ) -> EigResult:
     r"""The ``k`` extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
 
     Builds an orthonormal Krylov basis of ``krylov_dim`` vectors (full reorthogonalization,
-    twice), takes the Ritz pairs of the projected matrix :math:`Q^\top A Q`, and restarts by
-    keeping the most wanted Ritz vectors plus a few extra (about half the free space) with the
-    residual vector as the next direction (Wu and Simon 2000), all inside one
-    :func:`jax.lax.while_loop`. It stops when every wanted pair's residual estimate
-    :math:`|\beta_m s_{m,i}|` is at most ``tol * max|theta|`` or when ``max_matvecs`` is spent;
-    the reported residuals are then computed from the stored products :math:`A Q` (no extra
-    products) and ``converged`` is decided on them.
+    twice, against the rows filled so far), takes the Ritz pairs of the projected matrix
+    :math:`Q^\top A Q`, and restarts by keeping the most wanted Ritz vectors plus a few extra
+    (about half the free space) with the residual vector as the next direction (Wu and Simon
+    2000); the kept vectors are rotated in place, so the basis and its images ``A Q`` are the
+    only two stacks held. A run stops when the true residuals of the wanted pairs (computed
+    from the stored ``A Q``, no extra products) are at most ``tol * max|theta|``, when
+    ``max_matvecs`` is spent, or when the residuals stop improving above ``tol`` (the
+    tolerance is below what the products' precision reaches: ``status == 3``); the estimates
+    :math:`|\beta_m s_{m,i}|` only decide when to look, so the stop rule and ``converged``
+    always agree.
 
     ``which`` picks the end of the spectrum: ``"LA"`` (largest algebraic), ``"SA"`` (smallest
     algebraic, the most negative curvature), ``"BE"`` (``k // 2`` from the bottom and the rest
-    from the top, in one run, as SciPy does) or ``"LM"`` (largest magnitude). Small dense work
-    runs in the operator's dtype (products with the basis at ``Precision.HIGHEST``, so GPUs and
-    TPUs do not drop to TF32 or bfloat16); with twice-repeated Gram-Schmidt the basis stays
-    orthonormal in float32. The reported eigenvalues are the Rayleigh quotients of the returned
-    vectors, not the raw Ritz values: in float32 this keeps small eigenvalues (a Hessian's
-    negative end) accurate relative to themselves rather than only to ``max|lambda|``.
-    Gradients through this function are not promised.
+    from the top, in one run, as SciPy does) or ``"LM"`` (largest magnitude).
+
+    Precision: the Krylov work (basis, projected matrix, Ritz extraction) runs in float32 or
+    wider whatever the parameters' dtype, and each product in the parameters' own dtypes
+    (bfloat16 weights stay bfloat16 in the Hessian-vector product). Products with the basis
+    run at ``Precision.HIGHEST`` so GPUs and TPUs do not drop to TF32. The reported eigenvalues
+    are the Rayleigh quotients of the returned vectors, which in float32 keeps small
+    eigenvalues (a Hessian's negative end) accurate relative to themselves rather than only to
+    ``max|lambda|``. Gradients through this function are not promised.
+
+    Loop strategy: ``loop="compiled"`` runs everything in one :func:`jax.lax.while_loop` (no
+    host round trip; the only choice inside a user's ``jit`` or ``vmap``). ``loop="host"``
+    dispatches each product and each Lanczos step as a compiled call from Python (asynchronous,
+    one device-to-host read per restart): XLA's CPU backend runs convolutions inside ``while``
+    loops many times slower than outside (jax-ml/jax#12868), and this avoids the penalty.
+    ``"auto"`` (default) picks ``"host"`` on CPU outside traced code and ``"compiled"``
+    otherwise. Both do the same arithmetic and return the same result.
+
+    Memory: ``2 * krylov_dim`` vectors (the basis and ``A Q``) plus a few (the residual, a
+    product, ``k`` Ritz vectors at the end, a column block of the restart rotation), each
+    vector in Krylov precision (``basis_dtype`` may store the two stacks narrower).
+    ``return_eigenvectors=False`` holds a few vectors only, however many products it takes.
 
     Args:
         op: a symmetric :class:`~hesskit.LinearOperator` (its ``linearize()`` is used).
         key: PRNG key for the start vector (and for fresh directions after a breakdown).
         k: number of eigenpairs, ``1 <= k < dim``.
         which: ``"LA"``, ``"SA"``, ``"BE"`` or ``"LM"``.
-        tol: relative residual tolerance; default 1e-5 for float32, 1e-10 for float64.
+        tol: relative residual tolerance; default by the least precise parameter leaf: 1e-10
+            for float64, 1e-5 for float32, ``4 eps`` for narrower (about 3e-2 for bfloat16).
         max_matvecs: budget of operator products; default ``max(50 * krylov_dim, 2000)``.
         krylov_dim: basis size; default ``min(dim, max(2 k + 1, 20))`` (SciPy's ``ncv``) for
             LA and LM and ``min(dim, max(2 k + 1, 40))`` for SA and BE, whose wanted values
-            sit next to the Hessian's bulk. Memory is two stacks of ``krylov_dim`` vectors
-            (the basis and its images under the operator). Must satisfy
+            sit next to the Hessian's bulk, capped by an explicit ``max_matvecs``. Must satisfy
             ``k < krylov_dim <= dim``.
         v0: optional start vector shaped like ``op.like`` (e.g. a previous eigenvector, to warm
             start); must be nonzero.
         verify: once everything has converged, restart once from a fresh random direction
             orthogonal to the kept vectors, so that a missed copy of a repeated extreme
             eigenvalue (which a single-vector Krylov space cannot see) is found. Costs one partial
-            cycle, about ``(krylov_dim - k) / 2`` products, when nothing was missed (6 of 33 for
-            LA(10) in ``benchmarks/eigs.py``); ``False`` skips it, as ARPACK and SciPy do, for
-            callers who know the wanted eigenvalues are simple or track them step after step.
+            cycle, about ``(krylov_dim - k) / 2`` products, when nothing was missed; ``False``
+            skips it, as ARPACK and SciPy do.
+        return_eigenvectors: ``False`` (SciPy's name) runs Lanczos without a stored basis and
+            returns ``eigenvectors=None`` (see :func:`hesskit._src.lanczos_values`).
+        loop: ``"auto"``, ``"compiled"`` or ``"host"`` (see above).
+        basis_dtype: store the basis and ``A Q`` in this dtype (e.g. ``jnp.bfloat16``, half
+            the memory of float32) while all arithmetic stays in Krylov precision; ``None``
+            stores them in Krylov precision. A narrower basis limits the attainable accuracy
+            to about its ``eps`` (``benchmarks/eigs.py`` measures it).
 
     Returns:
-        An :class:`EigResult`. Inside compiled code nothing can be raised, so a run that hits
-        its budget or meets NaN/Inf returns ``converged=False`` (and ``ok=False`` for NaN/Inf).
+        An :class:`EigResult`. Inside compiled code nothing can be raised, so how the run ended
+        is in ``status`` and ``converged`` (and ``ok=False`` for NaN/Inf).
 
     Raises:
-        ValueError: ``k``, ``krylov_dim``, ``max_matvecs``, ``tol`` or ``which`` out of range.
+        ValueError: ``k``, ``krylov_dim``, ``max_matvecs``, ``tol``, ``which`` or ``loop`` out
+            of range, or ``loop="host"`` inside traced code.
 
     Examples:
         >>> import jax, jax.numpy as jnp
         >>> d = jnp.linspace(-1.0, 10.0, 50)
         >>> op = LinearOperator(lambda v: d * v, jnp.zeros(50))
         >>> res = eigsh(op, jax.random.key(0), k=2, which="BE")
-        >>> [round(float(x), 4) for x in res.eigenvalues], bool(res.converged.all())
-        ([-1.0, 10.0], True)
+        >>> [round(float(x), 4) for x in res.eigenvalues], int(res.status)
+        ([-1.0, 10.0], 0)
 
     References:
         Wu and Simon, *Thick-restart Lanczos method for large symmetric eigenvalue problems*,
@@ -166,32 +197,54 @@ def eigsh(
         raise ValueError(msg)
     k = int(k)
     validation.check_one_of(which, "which", WHICH)
+    validation.check_one_of(loop, "loop", LOOPS)
+    if max_matvecs is not None:
+        max_matvecs = validation.check_positive_int(max_matvecs, "max_matvecs")
     if krylov_dim is None:
-        # The bottom of a Hessian spectrum sits next to a dense bulk near zero, where a larger
-        # basis cuts the number of products two to three times (benchmarks/eigs.py).
-        floor = 40 if which in ("SA", "BE") else 20
-        krylov_dim = min(dim, max(2 * k + 1, floor))
+        krylov_dim = _default_krylov_dim(k, which, dim, max_matvecs)
     krylov_dim = validation.check_positive_int(krylov_dim, "krylov_dim")
     if not k < krylov_dim <= dim:
         msg = f"krylov_dim must satisfy k = {k} < krylov_dim <= dim = {dim}, got {krylov_dim}."
         raise ValueError(msg)
     if max_matvecs is None:
         max_matvecs = max(50 * krylov_dim, 2000)
-    max_matvecs = validation.check_positive_int(max_matvecs, "max_matvecs")
     if max_matvecs < krylov_dim:
         msg = f"max_matvecs must be >= krylov_dim = {krylov_dim}, got {max_matvecs}."
         raise ValueError(msg)
     if tol is None:
-        tol = default_tol(op.dtype)
+        tol = default_tol(op.like)
     validation.check_positive(tol, "tol")
     if v0 is not None:
         validation.check_like(v0, op.like, name="v0", like_name="the operator's vectors")
-    if not isinstance(verify, bool):
-        msg = f"verify must be a bool, got {verify!r}."
-        raise TypeError(msg)
-    return _eigsh(
-        op, key, v0, jnp.asarray(tol, op.dtype), k, which, krylov_dim, max_matvecs, verify
-    )
+    for flag, name in ((verify, "verify"), (return_eigenvectors, "return_eigenvectors")):
+        if not isinstance(flag, bool):
+            msg = f"{name} must be a bool, got {flag!r}."
+            raise TypeError(msg)
+    if basis_dtype is not None:
+        basis_dtype = jnp.dtype(basis_dtype)
+        if not jnp.issubdtype(basis_dtype, jnp.floating):
+            msg = f"basis_dtype must be a floating dtype, got {basis_dtype}."
+            raise TypeError(msg)
+    tol = jnp.asarray(tol, krylov.krylov_dtype(op.like))
+    traced = _is_traced(op, key, v0)
+    if loop == "host" and traced:
+        msg = 'loop="host" cannot run inside jit or vmap; use loop="compiled" (or "auto").'
+        raise ValueError(msg)
+    if loop == "auto":
+        loop = "host" if not traced and jax.default_backend() == "cpu" else "compiled"
+    if not return_eigenvectors:
+        from hesskit._src.lanczos_values import eigvalsh_lanczos
+
+        return eigvalsh_lanczos(op, key, v0, tol, k, which, max_matvecs)
+    cfg = _Config(k, which, krylov_dim, _num_kept(k, krylov_dim), max_matvecs, verify, basis_dtype)
+    if loop == "compiled":
+        return _eigsh_compiled(op, key, v0, tol, cfg)
+    return _eigsh_host(op, key, v0, tol, cfg)
+
+
+def _is_traced(*trees: Any) -> bool:
+    leaves = jax.tree_util.tree_leaves(trees)
+    return any(isinstance(x, jax.core.Tracer) for x in leaves)
 
 
 def _num_kept(k: int, m: int) -> int:
@@ -200,211 +253,199 @@ def _num_kept(k: int, m: int) -> int:
     return min(m - 1, k + max(1, (m - k) // 2))
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8))
-def _eigsh(
-    op: LinearOperator,
-    key: jax.Array,
-    v0: PyTree | None,
-    tol: jax.Array,
-    k: int,
-    which: str,
-    m: int,
-    max_matvecs: int,
-    verify: bool,
-) -> EigResult:
-    op = op.linearize()
-    dtype = op.dtype
-    eps = jnp.finfo(dtype).eps
-    keep = _num_kept(k, m)
+class _Config(NamedTuple):
+    k: int
+    which: str
+    m: int
+    keep: int
+    max_matvecs: int
+    verify: bool
+    basis_dtype: Any
+
+
+class _Run(NamedTuple):
+    """The restart loop's state: the Krylov basis and the bookkeeping around it."""
+
+    kry: krylov.KrylovState
+    matvecs: jax.Array
+    restarts: jax.Array
+    verified: jax.Array
+    done: jax.Array
+    status: jax.Array
+    best: jax.Array
+    stalls: jax.Array
+
+
+def _init(op: LinearOperator, key: jax.Array, v0: PyTree | None, cfg: _Config) -> _Run:
     key, start_key = jax.random.split(key)
-    start = tree_random_sphere(start_key, op.like) if v0 is None else v0
+    klike = krylov.krylov_like(op.like)
+    start = tree_random_sphere(start_key, klike) if v0 is None else krylov.to_krylov(v0)
     q0, _ = tree_normalize(start)
-    zeros_basis = jax.tree_util.tree_map(lambda a: jnp.zeros((m, *a.shape), a.dtype), q0)
-
-    class State(NamedTuple):
-        basis: PyTree
-        images: PyTree
-        proj: jax.Array
-        residual: PyTree
-        beta_m: jax.Array
-        key: jax.Array
-        scale: jax.Array
-        matvecs: jax.Array
-        restarts: jax.Array
-        verified: jax.Array
-        done: jax.Array
-        ok: jax.Array
-
-    def extend(basis, images, proj, q, first, key, scale):
-        """Fill basis rows ``first .. m-1`` and the projected matrix ``Q^T A Q``.
-
-        Returns the normalized residual after the last step and its norm ``beta_m``.
-        """
-
-        def body(j, carry):
-            basis, images, proj, q, key, scale, ok, beta_last = carry
-            basis = jax.tree_util.tree_map(lambda b, x: b.at[j].set(x), basis, q)
-            w = op(q)
-            # Keeping A q_j costs one more basis of memory and saves k products at the end:
-            # the true residuals ||A y - theta y|| come from A Q s without new products.
-            images = jax.tree_util.tree_map(lambda b, x: b.at[j].set(x), images, w)
-            # Column j of Q^T A Q, accumulated over both Gram-Schmidt passes: it holds alpha,
-            # beta and, right after a restart, the coupling to the kept Ritz vectors.
-            h1 = tree_rmatvec(basis, w)
-            w = tree_sub(w, tree_matvec(basis, h1))
-            h2 = tree_rmatvec(basis, w)
-            w = tree_sub(w, tree_matvec(basis, h2))
-            h = h1 + h2
-            w, beta = tree_normalize(w)
-            ok = ok & jnp.all(jnp.isfinite(h)) & jnp.isfinite(beta)
-            scale = jnp.maximum(scale, jnp.max(jnp.abs(h)) + beta)
-            # Breakdown (invariant subspace): continue with a fresh random direction
-            # orthogonal to the basis, with zero coupling, as ARPACK does.
-            breakdown = beta <= m * eps * scale
-            key, sub = jax.random.split(key)
-
-            def fresh_direction(_):
-                fresh = tree_random_sphere(sub, op.like)
-                for _ in range(2):
-                    fresh = tree_sub(fresh, tree_matvec(basis, tree_rmatvec(basis, fresh)))
-                return tree_normalize(fresh)[0]
-
-            q_next = jax.lax.cond(breakdown, fresh_direction, lambda _: w, None)
-            beta = jnp.where(breakdown, 0.0, beta).astype(dtype)
-            idx = jnp.arange(m)
-            new_col = jnp.where(idx <= j, h, 0.0)
-            new_col = jnp.where(idx == j + 1, beta, new_col).astype(dtype)
-            proj = proj.at[:, j].set(new_col).at[j, :].set(new_col)
-            return basis, images, proj, q_next, key, scale, ok, beta
-
-        init = (basis, images, proj, q, key, scale, jnp.asarray(True), jnp.zeros((), dtype))
-        return jax.lax.fori_loop(first, m, body, init)
-
-    def ritz(proj):
-        theta, s = jnp.linalg.eigh(proj)
-        return theta, s
-
-    def converged_estimates(theta, s, beta_m, scale_theta):
-        idx = _select(theta, which, k, k)
-        est = jnp.abs(beta_m * s[m - 1, idx])
-        # Stop at half the tolerance: the estimate omits the (tiny) coupling left by the
-        # verification restart, and the reported residuals are recomputed against ``tol``.
-        return est <= 0.9 * tol * scale_theta, idx
-
-    # The first cycle is a restart with nothing kept: one traced copy of the extension loop
-    # (and of the model's HVP) serves every cycle, which halves compile time.
-    init = State(
-        basis=zeros_basis,
-        images=zeros_basis,
-        proj=jnp.zeros((m, m), dtype),
-        residual=q0,
-        beta_m=jnp.zeros((), dtype),
-        key=key,
-        scale=jnp.zeros((), dtype),
+    kry = krylov.init_state(q0, key, cfg.m, with_images=True, storage_dtype=cfg.basis_dtype)
+    return _Run(
+        kry=kry,
         matvecs=jnp.zeros((), jnp.int32),
         restarts=jnp.asarray(-1, jnp.int32),
-        verified=jnp.asarray(not verify),
+        verified=jnp.asarray(not cfg.verify),
         done=jnp.asarray(False),
-        ok=jnp.asarray(True),
+        status=jnp.asarray(krylov.MAX_MATVECS, jnp.int32),
+        best=jnp.asarray(jnp.inf, kry.proj.dtype),
+        stalls=jnp.zeros((), jnp.int32),
     )
 
-    def all_converged(st: State) -> jax.Array:
-        theta, s = ritz(st.proj)
-        conv, _ = converged_estimates(theta, s, st.beta_m, jnp.max(jnp.abs(theta)))
-        return jnp.all(conv)
 
-    def is_done(st: State) -> jax.Array:
-        out_of_budget = st.matvecs + (m - keep) > max_matvecs
-        return (all_converged(st) & st.verified) | out_of_budget | ~st.ok
+def _estimates_converged(proj, beta, tol, cfg: _Config) -> jax.Array:
+    theta, s = krylov.ritz(proj)
+    idx = _select(theta, cfg.which, cfg.k, cfg.k)
+    est = jnp.abs(beta * s[cfg.m - 1, idx])
+    return jnp.all(est <= tol * jnp.max(jnp.abs(theta)))
 
-    def cond(st: State) -> jax.Array:
-        return ~st.done
 
-    def body(st: State) -> State:
-        first_cycle = st.restarts < 0
-        theta, s = ritz(st.proj)
-        kept_idx = _select(theta, which, keep, k)
-        coeffs = s[:, kept_idx]  # (m, keep)
+def _begin_cycle(run: _Run, cfg: _Config, tol: jax.Array) -> _Run:
+    """Compress the basis to the kept Ritz vectors and choose the next start direction."""
+    kry = run.kry
+    first_cycle = run.restarts < 0
+    theta, s = krylov.ritz(kry.proj)
+    kept_idx = _select(theta, cfg.which, cfg.keep, cfg.k)
+    coeffs = s[:, kept_idx].T  # (keep, m)
+    basis = krylov.rotate_rows(kry.basis, coeffs)
+    images = krylov.rotate_rows(kry.images, coeffs)
+    dtype = kry.proj.dtype
+    diag = jnp.where(first_cycle, 0.0, theta[kept_idx]).astype(dtype)
+    ar = jnp.arange(cfg.keep)
+    proj = jnp.zeros((cfg.m, cfg.m), dtype).at[ar, ar].set(diag)
+    # A single-vector Krylov space holds only the part of a repeated eigenvalue's eigenspace
+    # present in the start vector. Once everything looks converged, restart once from a fresh
+    # random direction orthogonal to the kept vectors: a missed copy of a repeated (or
+    # numerically invisible) extreme eigenvalue then shows up as a new, unconverged wanted
+    # pair and the iteration goes on.
+    converged = _estimates_converged(kry.proj, kry.beta, tol, cfg)
+    verify_now = ~first_cycle & converged & ~run.verified
+    key, sub = jax.random.split(kry.key)
+    start = jax.lax.cond(
+        verify_now,
+        lambda _: krylov.random_orthogonal(sub, basis, filled=cfg.keep),
+        lambda _: kry.q,
+        None,
+    )
+    # On the first cycle nothing is kept: the rotation above acted on zeros.
+    kry = kry._replace(basis=basis, images=images, proj=proj, q=start, key=key)
+    return run._replace(kry=kry, verified=run.verified | verify_now)
 
-        def compress(stack):
-            kept = tree_matvec(stack, coeffs.T)
-            return jax.tree_util.tree_map(lambda z, kv: z.at[:keep].set(kv), zeros_basis, kept)
 
-        basis = compress(st.basis)
-        images = compress(st.images)
-        diag = jnp.where(first_cycle, 0.0, theta[kept_idx]).astype(dtype)
-        proj = jnp.zeros((m, m), dtype).at[jnp.arange(keep), jnp.arange(keep)].set(diag)
-        # A single-vector Krylov space holds only the part of a repeated eigenvalue's
-        # eigenspace present in the start vector. Once everything looks converged, restart
-        # once from a fresh random direction orthogonal to the kept vectors: a missed copy of
-        # a repeated (or numerically invisible) extreme eigenvalue then shows up as a new,
-        # unconverged wanted pair and the iteration goes on.
-        verify_now = ~first_cycle & all_converged(st) & ~st.verified
-        key, sub = jax.random.split(st.key)
-
-        def fresh_direction(_):
-            fresh = tree_random_sphere(sub, op.like)
-            for _ in range(2):
-                fresh = tree_sub(fresh, tree_matvec(basis, tree_rmatvec(basis, fresh)))
-            return tree_normalize(fresh)[0]
-
-        start = jax.lax.cond(verify_now, fresh_direction, lambda _: st.residual, None)
-        first = jnp.where(first_cycle, 0, keep)
-        basis, images, proj, q, key, scale, ok, beta_m = extend(
-            basis, images, proj, start, first, key, st.scale
-        )
-        new = State(
-            basis=basis,
-            images=images,
-            proj=proj,
-            residual=q,
-            beta_m=beta_m,
-            key=key,
-            scale=scale,
-            matvecs=st.matvecs + (m - first),
-            restarts=st.restarts + 1,
-            verified=st.verified | verify_now,
-            done=jnp.asarray(False),
-            ok=st.ok & ok,
-        )
-        return new._replace(done=is_done(new))
-
-    final = jax.lax.while_loop(cond, body, init)
-
-    theta, s = ritz(final.proj)
-    idx = _select(theta, which, k, k)
-    order = _order(theta[idx], which)
-    idx = idx[order]
-
-    vectors = tree_matvec(final.basis, s[:, idx].T)
-    av = tree_matvec(final.images, s[:, idx].T)
-    # Ritz values come from the projected matrix, whose entries carry rounding errors of order
-    # eps * ||A||: in float32 that swamps small eigenvalues next to a large top end (a Hessian's
-    # negative ones). The Rayleigh quotient of each Ritz vector errs only by eps * |lambda| plus
-    # the squared residual over the gap; it is taken as theta + y^T (A y - theta y) / y^T y so
-    # the small correction, not the whole quotient, carries the rounding (no extra products).
-    theta_k = theta[idx]
-
-    def refine(a, v, lam):
-        r = tree_sub(a, jax.tree_util.tree_map(lambda x: (lam * x).astype(x.dtype), v))
-        shift = tree_vdot(v, r) / tree_vdot(v, v)
-        r = tree_sub(r, jax.tree_util.tree_map(lambda x: (shift * x).astype(x.dtype), v))
-        return lam + shift, tree_norm(r)
-
-    values, residuals = jax.vmap(refine)(av, vectors, theta_k)
+def _wanted_pairs(kry: krylov.KrylovState, cfg: _Config):
+    theta, s = krylov.ritz(kry.proj)
+    idx = _select(theta, cfg.which, cfg.k, cfg.k)
+    idx = idx[_order(theta[idx], cfg.which)]
+    values, vectors, residuals = krylov.ritz_pairs(kry, s[:, idx].T, theta[idx])
     # Refinement can swap two values of a cluster: restore the promised order.
-    order = _order(values, which)
-    values, residuals = values[order], residuals[order]
+    order = _order(values, cfg.which)
     vectors = jax.tree_util.tree_map(lambda x: x[order], vectors)
-    scale_theta = jnp.max(jnp.abs(theta))
-    ok = final.ok & jnp.all(jnp.isfinite(values)) & jnp.all(jnp.isfinite(residuals))
-    converged = (residuals <= tol * scale_theta) & ok
+    return values[order], vectors, residuals[order], jnp.max(jnp.abs(theta))
+
+
+def _end_cycle(run: _Run, cfg: _Config, tol: jax.Array, first: Any) -> _Run:
+    """Account for the cycle's products and decide, on true residuals, whether to stop."""
+    kry = run.kry
+    matvecs = run.matvecs + (cfg.m - first)
+    looks_done = _estimates_converged(kry.proj, kry.beta, tol, cfg) & run.verified
+
+    def true_check(_):
+        _, _, residuals, scale = _wanted_pairs(kry, cfg)
+        return jnp.max(residuals / (tol * scale))
+
+    worst = jax.lax.cond(looks_done, true_check, lambda _: jnp.asarray(jnp.inf, tol.dtype), None)
+    converged = looks_done & (worst <= 1.0)
+    # The estimates omit rounding; when they pass but the true residuals stay above tol and
+    # stop improving, the tolerance is below what this precision reaches.
+    stalled = looks_done & ~converged & (worst > 0.5 * run.best)
+    stalls = run.stalls + stalled.astype(jnp.int32)
+    floor = stalls >= 2
+    budget = matvecs + (cfg.m - cfg.keep) > cfg.max_matvecs
+    ok = kry.ok
+    status = jnp.select(
+        [~ok, converged, floor, budget],
+        [krylov.NONFINITE, krylov.CONVERGED, krylov.PRECISION_FLOOR, krylov.MAX_MATVECS],
+        krylov.MAX_MATVECS,
+    ).astype(jnp.int32)
+    return run._replace(
+        matvecs=matvecs,
+        restarts=run.restarts + 1,
+        done=~ok | converged | floor | budget,
+        status=status,
+        best=jnp.where(looks_done, jnp.minimum(run.best, worst), run.best),
+        stalls=stalls,
+    )
+
+
+def _finish(run: _Run, cfg: _Config, tol: jax.Array) -> EigResult:
+    values, vectors, residuals, scale = _wanted_pairs(run.kry, cfg)
+    ok = run.kry.ok & jnp.all(jnp.isfinite(values)) & jnp.all(jnp.isfinite(residuals))
+    converged = (residuals <= tol * scale) & ok
+    status = jnp.where(ok, run.status, krylov.NONFINITE).astype(jnp.int32)
+    status = jnp.where(jnp.all(converged), krylov.CONVERGED, status).astype(jnp.int32)
     return EigResult(
         eigenvalues=values,
         eigenvectors=vectors,
         residuals=residuals,
         converged=converged,
-        num_matvecs=final.matvecs,
-        num_restarts=jnp.maximum(final.restarts, 0),
+        num_matvecs=run.matvecs,
+        num_restarts=jnp.maximum(run.restarts, 0),
         ok=ok,
+        status=status,
     )
+
+
+# -- Compiled driver: the whole solve in one while loop. --------------------------------------
+@functools.partial(jax.jit, static_argnums=4)
+def _eigsh_compiled(op, key, v0, tol, cfg: _Config) -> EigResult:
+    apply = krylov.product(op.linearize())
+
+    def body(run: _Run) -> _Run:
+        first = jnp.where(run.restarts < 0, 0, cfg.keep)
+        run = _begin_cycle(run, cfg, tol)
+
+        def step(j, kry):
+            return krylov.lanczos_step(kry, apply(kry.q), j)
+
+        kry = jax.lax.fori_loop(first, cfg.m, step, run.kry)
+        return _end_cycle(run._replace(kry=kry), cfg, tol, first)
+
+    run = jax.lax.while_loop(lambda r: ~r.done, body, _init(op, key, v0, cfg))
+    return _finish(run, cfg, tol)
+
+
+# -- Host driver: compiled pieces dispatched from Python, one read per restart. ----------------
+@jax.jit
+def _linearized(op: LinearOperator) -> LinearOperator:
+    # jax.linearize returns a Partial: the linearized operator is a pytree whose residuals are
+    # leaves, and jit returns the same static function each call, so _apply compiles once.
+    return op.linearize()
+
+
+@jax.jit
+def _apply(op: LinearOperator, q: PyTree) -> PyTree:
+    return krylov.product(op)(q)
+
+
+_init_jit = jax.jit(_init, static_argnums=3)
+_begin_jit = jax.jit(_begin_cycle, static_argnums=1)
+_step_jit = jax.jit(krylov.lanczos_step)
+_end_jit = jax.jit(_end_cycle, static_argnums=(1, 3))
+_finish_jit = jax.jit(_finish, static_argnums=1)
+
+
+def _eigsh_host(op, key, v0, tol, cfg: _Config) -> EigResult:
+    lin = _linearized(op)
+    run = _init_jit(op, key, v0, cfg)
+    first = 0
+    while True:
+        run = _begin_jit(run, cfg, tol)
+        kry = run.kry
+        for j in range(first, cfg.m):
+            kry = _step_jit(kry, _apply(lin, kry.q), jnp.asarray(j, jnp.int32))
+        run = _end_jit(run._replace(kry=kry), cfg, tol, first)
+        first = cfg.keep
+        if bool(run.done):
+            break
+    return _finish_jit(run, cfg, tol)

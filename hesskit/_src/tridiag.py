@@ -7,17 +7,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from hesskit._src import validation
+from hesskit._src import krylov, validation
 from hesskit._src.operators import LinearOperator
-from hesskit._src.tree import (
-    tree_matvec,
-    tree_normalize,
-    tree_random_sphere,
-    tree_rmatvec,
-    tree_scale,
-    tree_sub,
-    tree_vdot,
-)
+from hesskit._src.tree import tree_normalize, tree_random_sphere
 
 PyTree = Any
 
@@ -47,24 +39,19 @@ class LanczosResult(NamedTuple):
     ok: jax.Array
 
 
-def _orthogonalize(basis: PyTree, w: PyTree) -> PyTree:
-    # Two passes of classical Gram-Schmidt ("twice is enough", Giraud et al. 2005) keep the basis
-    # orthonormal to working precision in float32; each pass is one product with the basis.
-    for _ in range(2):
-        w = tree_sub(w, tree_matvec(basis, tree_rmatvec(basis, w)))
-    return w
-
-
 def lanczos(
     op: LinearOperator, key: jax.Array, num_iters: int, *, v0: PyTree | None = None
 ) -> LanczosResult:
     r"""Symmetric Lanczos with full reorthogonalization: :math:`Q A Q^\top = T` (tridiagonal).
 
     Runs ``num_iters`` steps inside one :func:`jax.lax.fori_loop`, reorthogonalizing every new
-    vector against the whole basis twice (one batched product with the basis per pass, no
-    inner loop). If the Krylov space becomes invariant early (``beta`` below
+    vector twice against the rows filled so far (one batched product with the basis per pass,
+    no inner loop; the step is :func:`hesskit._src.krylov.lanczos_step`, shared with
+    :func:`hesskit.eigsh`). If the Krylov space becomes invariant early (``beta`` below
     ``dim * eps * ||T||``), the remaining steps are skipped and ``num_steps`` says how many are
-    valid. Gradients through this function are not promised.
+    valid. The basis and ``T`` are in Krylov precision (float32 or wider; products run in the
+    operator's dtypes). Memory: the basis (``num_iters`` vectors) plus a few vectors.
+    Gradients through this function are not promised.
 
     Args:
         op: a symmetric :class:`~hesskit.LinearOperator`.
@@ -99,62 +86,29 @@ def lanczos(
 
 @jax.jit(static_argnums=3)
 def _lanczos(op: LinearOperator, key: jax.Array, v0: PyTree | None, m: int) -> LanczosResult:
-    op = op.linearize()
-    dtype = op.dtype
-    start = tree_random_sphere(key, op.like) if v0 is None else v0
+    apply = krylov.product(op.linearize())
+    klike = krylov.krylov_like(op.like)
+    start = tree_random_sphere(key, klike) if v0 is None else krylov.to_krylov(v0)
     q0, _ = tree_normalize(start)
-    basis = jax.tree_util.tree_map(lambda a: jnp.zeros((m, *a.shape), a.dtype), q0)
-    eps = jnp.finfo(dtype).eps
+    init = krylov.init_state(q0, key, m, with_images=False)
 
-    class Carry(NamedTuple):
-        basis: PyTree
-        q: PyTree
-        alphas: jax.Array
-        betas: jax.Array
-        scale: jax.Array
-        alive: jax.Array
-        num_steps: jax.Array
-        ok: jax.Array
+    def body(j: jax.Array, carry):
+        kry, alphas, betas, num_steps = carry
+        alive = kry.alive
+        kry = krylov.lanczos_step(kry, apply(kry.q), j, restart_on_breakdown=False)
+        # Steps after a breakdown multiply the zero vector: their entries stay zero.
+        alphas = alphas.at[j].set(jnp.where(alive, kry.proj[j, j], 0.0))
+        betas = betas.at[j].set(jnp.where(kry.alive, kry.beta, 0.0))
+        return kry, alphas, betas, num_steps + alive.astype(jnp.int32)
 
-    def body(j: jax.Array, c: Carry) -> Carry:
-        basis = jax.tree_util.tree_map(lambda b, x: b.at[j].set(x), c.basis, c.q)
-        w = op(c.q)
-        alpha = tree_vdot(c.q, w)
-        w = _orthogonalize(basis, w)
-        w, beta = tree_normalize(w)
-        scale = jnp.maximum(c.scale, jnp.abs(alpha) + beta)
-        finite = jnp.isfinite(alpha) & jnp.isfinite(beta)
-        # An invariant subspace: the next vector would be rounding noise, so stop filling.
-        stop = beta <= m * eps * scale
-        alive = c.alive & finite
-        q_next = tree_scale(jnp.where(alive & ~stop, 1.0, 0.0).astype(dtype), w)
-        return Carry(
-            basis=basis,
-            q=q_next,
-            alphas=c.alphas.at[j].set(jnp.where(c.alive, alpha, 0.0)),
-            betas=c.betas.at[j].set(jnp.where(alive & ~stop, beta, 0.0)),
-            scale=scale,
-            alive=alive & ~stop,
-            num_steps=c.num_steps + c.alive.astype(jnp.int32),
-            ok=c.ok & (finite | ~c.alive),
-        )
-
-    init = Carry(
-        basis=basis,
-        q=q0,
-        alphas=jnp.zeros(m, dtype),
-        betas=jnp.zeros(m, dtype),
-        scale=jnp.zeros((), dtype),
-        alive=jnp.asarray(True),
-        num_steps=jnp.zeros((), jnp.int32),
-        ok=jnp.asarray(True),
-    )
-    out = jax.lax.fori_loop(0, m, body, init)
+    dtype = init.proj.dtype
+    carry = (init, jnp.zeros(m, dtype), jnp.zeros(m, dtype), jnp.zeros((), jnp.int32))
+    kry, alphas, betas, num_steps = jax.lax.fori_loop(0, m, body, carry)
     return LanczosResult(
-        alphas=out.alphas,
-        betas=out.betas[: m - 1],
-        basis=out.basis,
-        beta_last=out.betas[m - 1],
-        num_steps=out.num_steps,
-        ok=out.ok,
+        alphas=alphas,
+        betas=betas[: m - 1],
+        basis=kry.basis,
+        beta_last=betas[m - 1],
+        num_steps=num_steps,
+        ok=kry.ok,
     )

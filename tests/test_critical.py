@@ -182,3 +182,15 @@ def test_bad_input():
 def test_exported_from_top_level():
     assert hk.critical_point_report is critical_point_report
     assert hk.classify is classify
+
+
+def test_data_arguments_match_the_closure_form():
+    def f(p, c):
+        return jnp.sum(c * p**2) + 0.1 * jnp.sum(p**4)
+
+    c = jnp.asarray([2.0, -1.0, 0.5, 3.0])
+    with_args = critical_point_report(f, jnp.zeros(4), KEY, c)
+    closed = critical_point_report(lambda p: f(p, c), jnp.zeros(4), KEY)
+    assert with_args.classification == closed.classification == "strict saddle"
+    np.testing.assert_allclose(with_args.eigenvalues, closed.eigenvalues, rtol=1e-10)
+    np.testing.assert_allclose(float(with_args.lambda_min), -2.0, rtol=1e-10)

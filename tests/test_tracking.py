@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from spectra import dense_operator, pytree_operator, random_orthogonal
 
+import hesskit as hk
 from hesskit.diagnostics import Tracker, match_pairs
 
 N = 40
@@ -125,3 +126,26 @@ def test_bad_input():
         tracker.update(1, _op([3.0, 2.0], [0.1, 0.2], tree=True), jax.random.key(1))
     with pytest.raises(ValueError, match="previous operator"):
         tracker.update(1, _op([3.0, 2.0], [0.1, 0.2], jnp.float32), jax.random.key(1))
+
+
+def test_loss_function_form_and_its_bad_input():
+    def loss_fn(p, d):
+        return 0.5 * jnp.sum(d * p**2) + jnp.sum(p**3) / 6
+
+    d = jnp.linspace(-1.0, 3.0, 20)
+    params = jnp.linspace(-0.2, 0.2, 20)
+    tracker = Tracker(k=2, which="BE")
+    rec = tracker.update(0, loss_fn, jax.random.key(0), params=params, args=(d,))
+    exact = np.sort(np.asarray(d + params))  # H = diag(d + p)
+    np.testing.assert_allclose(rec.eigenvalues, [exact[0], exact[-1]], rtol=1e-8)
+    with pytest.raises(TypeError, match="without params"):
+        tracker.update(1, loss_fn, jax.random.key(1), args=(d,))
+    with pytest.raises(TypeError, match="tuple"):
+        tracker.update(1, loss_fn, jax.random.key(1), params=params, args=d)
+    op = hk.hessian_operator(loss_fn, params, d)
+    with pytest.raises(TypeError, match="with_args"):
+        tracker.update(1, op, jax.random.key(1), args=(d,))
+    # New data bound to the same operator (same shapes, so the solve is reused).
+    rec = tracker.update(1, op.with_args(2 * d), jax.random.key(1))
+    exact = np.sort(np.asarray(2 * d + params))
+    np.testing.assert_allclose(rec.eigenvalues, [exact[0], exact[-1]], rtol=1e-8)

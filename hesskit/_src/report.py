@@ -206,15 +206,17 @@ def _alpha_grid(lam_top: float, lam_bottom: float, num: int = 240) -> np.ndarray
 
 
 def _eig_result(values, vectors, residuals, converged, num_matvecs) -> EigResult:
-    return EigResult(
-        jnp.asarray(values),
-        vectors,
-        jnp.asarray(residuals),
-        jnp.asarray(converged),
-        jnp.asarray(num_matvecs),
-        jnp.asarray(0),
-        jnp.asarray(True),
-    )
+    fields = {
+        "eigenvalues": jnp.asarray(values),
+        "eigenvectors": vectors,
+        "residuals": jnp.asarray(residuals),
+        "converged": jnp.asarray(converged),
+        "num_matvecs": jnp.asarray(num_matvecs),
+        "num_restarts": jnp.asarray(0),
+        "ok": jnp.asarray(True),
+    }
+    # By name, so that diagnostic fields EigResult may gain (None here) do not break this.
+    return EigResult(**{name: fields.get(name) for name in EigResult._fields})
 
 
 def _split(res: EigResult, idx: np.ndarray) -> EigResult:

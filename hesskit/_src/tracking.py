@@ -10,8 +10,9 @@ import numpy as np
 
 from hesskit._src import validation
 from hesskit._src.compare import eigenvector_overlaps
-from hesskit._src.operators import LinearOperator
+from hesskit._src.operators import LinearOperator, hessian_operator
 from hesskit._src.thick_restart import EigResult, eigsh
+from hesskit._src.tree import tree_random_sphere
 
 PyTree = Any
 
@@ -105,8 +106,14 @@ def _take(vectors: PyTree, idx: np.ndarray) -> PyTree:
 class Tracker:
     r"""Track the extreme Hessian eigenpairs between training steps, warm-starting each solve.
 
-    Call :meth:`update` with a fresh Hessian operator every few training steps (outside
-    ``jit``; each solve is compiled once and reused). Each call runs :func:`hesskit.eigsh`,
+    Call :meth:`update` every few training steps (outside ``jit``) with the loss and the data
+    as separate arguments, ``update(step, loss_fn, key, params=params, args=(batch,))``, or an
+    operator built that way, ``hessian_operator(loss_fn, params, batch)``: the data are then
+    leaves of the operator and each solve is compiled once, at the first update, and reused
+    at every later checkpoint and batch of the same shapes (cold and warm starts alike). An
+    operator made from a new closure per checkpoint, ``hessian_operator(lambda p: loss_fn(p,
+    batch), params)``, still works but recompiles every solve. Each call runs
+    :func:`hesskit.eigsh`,
     starting from the sum of the previous eigenvectors of the same end of the spectrum: while
     the Hessian changes slowly the new eigenvectors lie close to the span of the old ones and
     the solve converges in fewer products. New pairs are matched to the previous ones by the
@@ -132,12 +139,13 @@ class Tracker:
 
     Examples:
         >>> import jax, jax.numpy as jnp
-        >>> from hesskit import LinearOperator
+        >>> def loss_fn(p, d):  # one function for every checkpoint: compiled once
+        ...     return 0.5 * jnp.sum(d * p**2)
         >>> tracker = Tracker(k=2, which="BE")
         >>> for t in range(3):
-        ...     d = jnp.linspace(-1.0, 2.0 + t, 30)
-        ...     rec = tracker.update(t, LinearOperator(lambda v, d=d: d * v, jnp.zeros(30)),
-        ...                          jax.random.key(t))
+        ...     d = jnp.linspace(-1.0, 2.0 + t, 30)   # the "batch" of this checkpoint
+        ...     rec = tracker.update(t, loss_fn, jax.random.key(t), params=jnp.zeros(30),
+        ...                          args=(d,))
         >>> steps, top, bottom, loss = tracker.as_arrays()
         >>> top[:, 0].round(3).tolist(), bottom[:, 0].round(3).tolist()
         ([2.0, 3.0, 4.0], [-1.0, -1.0, -1.0])
@@ -207,20 +215,22 @@ class Tracker:
         """All eigensolver runs, returning values, vectors, residuals, converged, matvecs."""
         prev = self._prev_vectors if self.warm_start else None
         kb = self.k_bottom
+        # Cold starts get an explicit random start vector too: ``v0=None`` and a pytree ``v0``
+        # are different jit signatures, and the first warm update would compile eigsh again.
+        key, k_cold = jax.random.split(key)
+        cold = tree_random_sphere(k_cold, op.like)
         if self.which in ("BE", "LA", "SA"):
-            v0 = None if prev is None else _sum_vectors(prev)
+            v0 = cold if prev is None else _sum_vectors(prev)
             res = self._solve(op, key, self.k, self.which, v0)
             if self.which == "BE":
                 # eigsh returns BE ascending: keep the bottom ascending, flip the top.
                 order = np.concatenate([np.arange(kb), np.arange(self.k - 1, kb - 1, -1)])
-                res = EigResult(
-                    res.eigenvalues[order],
-                    _take(res.eigenvectors, order),
-                    res.residuals[order],
-                    res.converged[order],
-                    res.num_matvecs,
-                    res.num_restarts,
-                    res.ok,
+                # _replace keeps any further diagnostic fields of EigResult as they are.
+                res = res._replace(
+                    eigenvalues=res.eigenvalues[order],
+                    eigenvectors=_take(res.eigenvectors, order),
+                    residuals=res.residuals[order],
+                    converged=res.converged[order],
                 )
             return (
                 res.eigenvalues,
@@ -230,7 +240,7 @@ class Tracker:
                 int(res.num_matvecs),
             )
         key_top, key_bottom = jax.random.split(key)
-        v0_top = v0_bottom = None
+        v0_top = v0_bottom = cold
         if prev is not None:
             v0_bottom = _sum_vectors(_take(prev, np.arange(kb)))
             v0_top = _sum_vectors(_take(prev, np.arange(kb, self.k)))
@@ -245,28 +255,58 @@ class Tracker:
         )
 
     def update(
-        self, step: int, op: LinearOperator, key: jax.Array, loss: Any = None
+        self,
+        step: int,
+        op: LinearOperator | Any,
+        key: jax.Array,
+        loss: Any = None,
+        *,
+        params: PyTree = None,
+        args: tuple = (),
     ) -> TrackRecord:
-        """Compute the extreme pairs of ``op`` at a training step and match them to the last.
+        """Compute the extreme pairs at a training step and match them to the last record's.
 
         Args:
             step: the training step (stored as given, used as the x-axis of the tracks).
-            op: the Hessian operator at this step, e.g. :func:`hesskit.hessian_operator`; the
-                same vector structure, shapes and dtypes at every update.
+            op: the loss function ``op(params, *args) -> scalar`` (with ``params=`` and
+                ``args=``; its Hessian at ``params`` is tracked), or an operator such as
+                ``hesskit.hessian_operator(loss_fn, params, batch)`` or
+                ``hesskit.mean_hessian_operator(loss_fn, params, data, chunk_size=...)``; the
+                same vector structure, shapes and dtypes at every update. Pass the same
+                function object each time so that the solves compile once.
             key: PRNG key for the eigensolver's start vector (used for cold starts and random
                 restarts).
             loss: optional loss value to store with the record.
+            params: the parameters, when ``op`` is a loss function.
+            args: the data arguments of the loss function (a tuple), when ``op`` is one.
 
         Returns:
             The new :class:`TrackRecord` (also appended to :attr:`history`).
 
         Raises:
-            TypeError: ``op`` is not a :class:`~hesskit.LinearOperator`.
-            ValueError: ``op``'s vectors differ from the previous update's, or ``k`` is too
-                large for its dimension.
+            TypeError: ``op`` is neither a :class:`~hesskit.LinearOperator` nor a loss
+                function given with ``params``; or ``params``/``args`` given with an operator.
+            ValueError: the vectors differ from the previous update's, or ``k`` is too large
+                for their dimension.
         """
         if not isinstance(op, LinearOperator):
-            msg = f"op must be a hesskit LinearOperator, got {type(op).__name__}."
+            if not callable(op) or params is None:
+                msg = (
+                    "op must be a hesskit LinearOperator or a loss function given with params= "
+                    f"(and args=), got {type(op).__name__}"
+                    + ("" if params is not None or not callable(op) else " without params")
+                    + "."
+                )
+                raise TypeError(msg)
+            if not isinstance(args, tuple):
+                msg = f"args must be a tuple of data arguments, got {type(args).__name__}."
+                raise TypeError(msg)
+            op = hessian_operator(op, params, *args)
+        elif params is not None or args:
+            msg = (
+                "params= and args= go with a loss function; an operator already holds them "
+                "(op.with_args(*args) binds new data)."
+            )
             raise TypeError(msg)
         if self._like is not None:
             validation.check_like(

@@ -64,11 +64,44 @@ def test_defaults():
 
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory):
+    import hesskit.examples
+
     out = tmp_path_factory.mktemp("report")
     lines = []
+    traces = [0]
+    make_loss = hesskit.examples.make_loss
+
+    def counting_make_loss(module):
+        # Counts traces of the model's loss: a Python side effect runs once per trace.
+        loss = make_loss(module)
+
+        def counted(params, batch):
+            traces[0] += 1
+            return loss(params, batch)
+
+        return counted
+
+    def log(line):
+        lines.append(line)
+        TRACES_AT_LOG.append((line, traces[0]))
+
     args = report.parse_args(["report", "--model", "mlp", *TINY, "--out", str(out)])
-    result = report.run_report(args, log=lines.append)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hesskit.examples, "make_loss", counting_make_loss)
+        result = report.run_report(args, log=log)
     return out, result, lines
+
+
+TRACES_AT_LOG: list = []
+
+
+def test_report_compiles_its_solves_once(tiny_report):
+    # Checkpoint lines start with the step. From the second checkpoint on (the training chunk
+    # compiles between the first two), a checkpoint traces nothing: the statistics, the
+    # tracker's LA and SA solves and the training chunk are all reused.
+    at = {int(line.split()[0]): n for line, n in TRACES_AT_LOG if line.split()[0].isdigit()}
+    assert sorted(at) == [0, 2, 4]
+    assert at[0] > 0 and at[4] == at[2]
 
 
 def test_report_writes_folder(tiny_report):

@@ -1,0 +1,582 @@
+r"""Extreme eigenvalues without eigenvectors: Lanczos with no stored basis.
+
+The mode behind ``eigsh(..., return_eigenvectors=False)``. It runs the plain three-term Lanczos
+recurrence with no reorthogonalization, so it holds three parameter-sized vectors however many
+products it takes, and removes the spurious copies ("ghosts") that the loss of orthogonality
+creates in the tridiagonal matrix by the test of Cullum and Willoughby.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hesskit._src import krylov, validation
+from hesskit._src.operators import LinearOperator
+from hesskit._src.thick_restart import EigResult
+from hesskit._src.tree import tree_normalize, tree_random_sphere, tree_vdot
+
+PyTree = Any
+
+__all__ = ["eigvalsh_lanczos"]
+
+WHICH = ("LA", "SA", "BE", "LM")
+
+DEFAULT_CHECK_EVERY = 16
+"""Products between two Ritz analyses of the tridiagonal matrix (see ``eigvalsh_lanczos``)."""
+
+_STOL_FACTOR = 32.0  # Cullum-Willoughby tolerance, in eps * ||T|| of the tridiagonal work
+_MULTOL_FACTOR = 64.0  # copies of one eigenvalue, in eps * ||T|| of the vectors
+_BLOCK = 16  # Sturm-sequence steps per iteration of the sequential loop (unrolled).
+
+
+def _num_candidates(wanted: int) -> int:
+    # Ritz values examined per round at one end: the wanted ones plus room for ghosts and
+    # copies; more rounds follow when copies of converged values fill a round.
+    # A multiple of 8, the batch of the inverse-iteration solves (no remainder to compile).
+    return 8 * ((2 * wanted + 16 + 7) // 8)
+
+
+def _make_result(**fields: Any) -> EigResult:
+    # ``status`` joins EigResult as its last field; until it does, leave it out.
+    if "status" not in EigResult._fields:
+        fields.pop("status")
+    return EigResult(**fields)
+
+
+class _Ritz(NamedTuple):
+    values: jax.Array  # (k,), in the order eigsh returns them; NaN in empty slots
+    estimates: jax.Array  # (k,) |beta_j s_{j,i}|; inf in empty slots
+    filled: jax.Array  # (k,) a good (non-spurious) Ritz value is in the slot
+    scale: jax.Array  # max |theta| over the whole of T_j
+
+
+def _sturm_counts(
+    alphas: jax.Array, beta_sq: jax.Array, start: int, stop: jax.Array, x: jax.Array
+) -> jax.Array:
+    """Eigenvalues below ``x`` of the tridiagonal block on rows ``start .. stop - 1``.
+
+    The LDL^T pivot recurrence ``q_i = a_i - x - b_{i-1}^2 / q_{i-1}`` counts negative pivots
+    (Sylvester's inertia), vectorized over every entry of ``x``; tiny pivots are pushed to
+    ``-pivmin`` as in LAPACK's ``dlaebz``. Only the active rows are visited, so a check at step
+    ``j`` costs ``j`` sequential steps whatever the buffer length.
+    """
+    dtype = alphas.dtype
+    n = alphas.shape[0]
+    tiny = jnp.finfo(dtype).tiny
+    pivmin = tiny * jnp.maximum(1.0, jnp.max(beta_sq))
+    # Pad so that every unrolled block can read its rows; padded rows are masked below.
+    pad = _BLOCK + 1
+    a = jnp.concatenate([alphas, jnp.zeros(pad, dtype)])
+    # bsq[i] couples rows i - 1 and i; at the first row the previous pivot is +inf, so the
+    # coupling term vanishes whatever bsq holds there.
+    bsq = jnp.concatenate([jnp.zeros(1, dtype), beta_sq, jnp.zeros(pad, dtype)])[: n + pad]
+
+    def block(carry):
+        i0, q, count = carry
+        a_blk = jax.lax.dynamic_slice(a, (i0,), (_BLOCK,))
+        b_blk = jax.lax.dynamic_slice(bsq, (i0,), (_BLOCK,))
+        for u in range(_BLOCK):
+            active = i0 + u < stop
+            new_q = a_blk[u] - x - b_blk[u] / q
+            neg = new_q <= pivmin
+            new_q = jnp.where(neg, jnp.minimum(new_q, -pivmin), new_q)
+            q = jnp.where(active, new_q, q)
+            count = jnp.where(active & neg, count + 1, count)
+        return i0 + _BLOCK, q, count
+
+    init = (
+        jnp.asarray(start, jnp.int32),
+        jnp.full(x.shape, jnp.inf, dtype),
+        jnp.zeros(x.shape, jnp.int32),
+    )
+    _, _, count = jax.lax.while_loop(lambda c: c[0] < stop, block, init)
+    return count
+
+
+def _bisect(
+    alphas: jax.Array,
+    beta_sq: jax.Array,
+    j: jax.Array,
+    targets: jax.Array,
+    lower: jax.Array,
+    upper: jax.Array,
+) -> jax.Array:
+    """Eigenvalues number ``targets`` (ascending, 0-based) of T_j by parallel bisection."""
+    dtype = alphas.dtype
+    eps = jnp.finfo(dtype).eps
+    abs_tol = 2 * eps * jnp.maximum(jnp.abs(lower), jnp.abs(upper))
+    lower = jnp.broadcast_to(lower, targets.shape)
+    upper = jnp.broadcast_to(upper, targets.shape)
+    # Halving the Gershgorin interval down to eps * ||T|| takes at most mantissa + 2 steps.
+    max_iters = jnp.finfo(dtype).nmant + 3
+
+    def cond(c):
+        it, lo, hi = c
+        return (it < max_iters) & (jnp.max(hi - lo) > abs_tol)
+
+    def body(c):
+        it, lo, hi = c
+        mid = 0.5 * (lo + hi)
+        below = _sturm_counts(alphas, beta_sq, 0, j, mid)
+        lo = jnp.where(below <= targets, mid, lo)
+        hi = jnp.where(below > targets, mid, hi)
+        return it + 1, lo, hi
+
+    _, lo, hi = jax.lax.while_loop(cond, body, (jnp.asarray(0), lower, upper))
+    return 0.5 * (lo + hi)
+
+
+def _last_components(
+    alphas: jax.Array, betas: jax.Array, j: jax.Array, theta: jax.Array, shift: jax.Array
+) -> jax.Array:
+    """``|s_{j,i}|``: last components of T_j's unit eigenvectors at ``theta``, by inverse iteration.
+
+    Two tridiagonal solves ``(T_j - theta_i I) y = b`` per value (LAPACK ``gtsv`` on CPU, one
+    batched call), on the full buffer with the rows past ``j`` decoupled as identity rows. The
+    shift is nudged by ``shift`` (a few eps * ||T||) so that an eigenvalue that bisection
+    found to the last bit cannot make a pivot exactly zero.
+    """
+    dtype = alphas.dtype
+    n = alphas.shape[0]
+    idx = jnp.arange(n)
+    inside = idx < j
+    off = jnp.where(idx < j - 1, betas, 0.0).astype(dtype)  # off[i] couples rows i and i + 1
+    du = jnp.broadcast_to(off, (theta.shape[0], n))
+    dl = jnp.broadcast_to(jnp.concatenate([jnp.zeros(1, dtype), off[:-1]]), (theta.shape[0], n))
+    diag = jnp.where(inside[None, :], alphas[None, :] - (theta + shift)[:, None], 1.0)
+    # A fixed, generic right-hand side: no eigenvector of T_j is orthogonal to it in practice.
+    y = jnp.where(inside, 1.0 + 0.5 * jnp.sin(1.0 + idx.astype(dtype)), 0.0).astype(dtype)
+    y = jnp.broadcast_to(y, (theta.shape[0], n))
+    for _ in range(2):
+        y = jax.lax.linalg.tridiagonal_solve(dl, diag, du, y[..., None])[..., 0]
+        y = y / jnp.max(jnp.abs(y), axis=1, keepdims=True)
+    y = y / jnp.linalg.norm(y, axis=1, keepdims=True)
+    last = jnp.abs(jnp.take(y, j - 1, axis=1))
+    # A non-finite solve (an exactly singular pivot despite the nudge) proves nothing: report
+    # the pair as unconverged rather than as converged.
+    return jnp.where(jnp.isfinite(last), last, 1.0)
+
+
+class _End(NamedTuple):
+    values: jax.Array  # (w,) good values, most extreme first; NaN in empty slots
+    estimates: jax.Array  # (w,) residual estimates; inf in empty slots
+    count: jax.Array  # number of filled slots
+    next_index: jax.Array  # the first index (counted from this end) not examined
+
+
+def _top_end(
+    a: jax.Array,
+    betas: jax.Array,
+    j: jax.Array,
+    wanted: int,
+    limit: jax.Array,
+    tols: tuple[jax.Array, jax.Array, jax.Array],
+    bounds: tuple[jax.Array, jax.Array],
+) -> _End:
+    """The ``wanted`` largest good Ritz values of T_j, examined from the top down.
+
+    Candidates come in rounds of ``_num_candidates(wanted)`` consecutive indices (one parallel
+    bisection each). A candidate starts a new group when it lies below the previous group,
+    whose extent ``[theta - multol, theta]`` is read from one Sturm count, so that however
+    many copies of a converged value pile up, the next round starts under them. The bottom end
+    is the top end of ``-T_j``. ``limit`` is the lowest index this end may examine.
+    """
+    stol, multol, reach = tols
+    lower, upper = bounds
+    dtype = a.dtype
+    n = a.shape[0]
+    c = _num_candidates(wanted)
+    idx = jnp.arange(n)
+    b = jnp.where(idx < j - 1, betas, 0.0).astype(dtype)
+    beta_sq = b * b
+    beta_j = jnp.abs(betas[jnp.maximum(j - 1, 0)])
+    eps_t = jnp.finfo(dtype).eps
+    nudge = 4 * eps_t * jnp.maximum(jnp.abs(lower), jnp.abs(upper))
+    limit = jnp.maximum(limit, 0)
+
+    def round_(st: _End) -> _End:
+        targets = st.next_index - jnp.arange(c)
+        valid = targets >= limit
+        theta = _bisect(a, beta_sq, j, jnp.clip(targets, 0, jnp.maximum(j - 1, 0)), lower, upper)
+        points = jnp.concatenate([theta - multol, theta - stol, theta + stol])
+        below = _sturm_counts(a, beta_sq, 0, j, points[:c])
+        hat = _sturm_counts(a, beta_sq, 1, j, points[c:])
+        near_hat = (hat[c:] - hat[:c]) > 0
+        # Inverse iteration in batches: a (c, n) solve would grow with the buffer length.
+        last = jax.lax.map(
+            lambda th: _last_components(a, betas, j, th, nudge), theta[:, None], batch_size=8
+        )[:, 0]
+        est = jnp.where(valid, beta_j * last, jnp.inf)
+
+        def start_groups(floor, x):
+            t, lo, ok = x
+            starts = ok & (t < floor)
+            return jnp.where(starts, lo, floor), starts
+
+        floor, starts = jax.lax.scan(start_groups, st.next_index + 1, (targets, below, valid))
+        group = jnp.cumsum(starts) - 1
+        gid = jnp.where(valid & (group >= 0), group, c)  # c: dropped
+        size = (
+            targets + 1 - below
+        )  # values in [theta - multol, theta], members beyond the round too
+        best_e = jax.ops.segment_min(est, gid, num_segments=c + 1)[:c]
+        is_best = valid & (est <= best_e[jnp.clip(gid, 0, c - 1)])
+        pos = jnp.where(is_best, jnp.arange(c), c)
+        best_at = jax.ops.segment_min(pos, gid, num_segments=c + 1)[:c]
+        best_v = theta[jnp.clip(best_at, 0, c - 1)]
+        # Group data indexed by group number: the representative is the group's first member.
+        rep_at = jax.ops.segment_min(jnp.where(starts, jnp.arange(c), c), gid, num_segments=c + 1)
+        rep_at = jnp.clip(rep_at[:c], 0, c - 1)
+        exists = jnp.arange(c) < jnp.sum(starts)
+        multiple = size[rep_at] > 1
+        # A group of copies spans an invariant subspace of T_j to within its width; a unit
+        # vector in it has zero last component, so its estimate is at most multol.
+        group_e = jnp.where(multiple, jnp.minimum(best_e, multol), best_e)
+        # Cullum-Willoughby: numerically multiple values are good (one copy is kept); a simple
+        # one is spurious if T^_j (T_j less its first row and column) shares it. A converged
+        # simple value is kept whatever the test says: by Paige's theorem a small estimate
+        # means an eigenvalue of A is near, and near a dense bulk in low precision the test can
+        # no longer tell a good value from a ghost.
+        good = exists & (multiple | ~near_hat[rep_at] | (group_e <= reach))
+        slot = jnp.where(good, st.count + jnp.cumsum(good) - 1, wanted)
+        values = st.values.at[slot].set(best_v, mode="drop")
+        estimates = st.estimates.at[slot].set(group_e, mode="drop")
+        count = jnp.minimum(st.count + jnp.sum(good), wanted).astype(jnp.int32)
+        next_index = jnp.minimum(floor - 1, st.next_index - c).astype(jnp.int32)
+        return _End(values, estimates, count, next_index)
+
+    def more(st: _End) -> jax.Array:
+        return (st.count < wanted) & (st.next_index >= limit)
+
+    init = _End(
+        values=jnp.full(wanted, jnp.nan, dtype),
+        estimates=jnp.full(wanted, jnp.inf, dtype),
+        count=jnp.zeros((), jnp.int32),
+        next_index=(j - 1).astype(jnp.int32),
+    )
+    return jax.lax.while_loop(more, round_, init)
+
+
+def _ritz(
+    alphas: jax.Array, betas: jax.Array, j: jax.Array, which: str, k: int, vec_eps, reach_rel
+) -> _Ritz:
+    """The wanted good Ritz values of T_j with their residual estimates (Cullum-Willoughby)."""
+    dtype = alphas.dtype
+    eps_t = jnp.finfo(dtype).eps
+    n = alphas.shape[0]
+    idx = jnp.arange(n)
+    inside = idx < j
+    a = jnp.where(inside, alphas, 0.0).astype(dtype)
+    absb = jnp.abs(jnp.where(idx < j - 1, betas, 0.0))
+    radius = absb + jnp.concatenate([jnp.zeros(1, dtype), absb[:-1]])
+    lower = jnp.min(jnp.where(inside, a - radius, jnp.inf))
+    upper = jnp.max(jnp.where(inside, a + radius, -jnp.inf))
+    norm = jnp.maximum(jnp.abs(lower), jnp.abs(upper))
+    slack = 4 * eps_t * norm + jnp.finfo(dtype).tiny
+    lower, upper = lower - slack, upper + slack
+    ends = _bisect(
+        a, absb * absb, j, jnp.stack([jnp.zeros_like(j), jnp.maximum(j - 1, 0)]), lower, upper
+    )
+    scale = jnp.max(jnp.abs(ends))
+    # Ghosts match T^_j to the precision of this small work (they agree to many more digits
+    # than that); copies of a converged value agree to the precision of the vectors.
+    stol = _STOL_FACTOR * eps_t * norm
+    multol = _MULTOL_FACTOR * vec_eps * norm
+    tols = (stol, multol, reach_rel * scale)
+    low = {"LA": 0, "SA": k, "BE": k // 2, "LM": k}[which]
+    high = {"LA": k, "SA": 0, "BE": k - k // 2, "LM": k}[which]
+    zero = jnp.zeros((), jnp.int32)
+    if low:
+        bottom = _top_end(-a, betas, j, low, zero, tols, (-upper, -lower))
+        bottom = bottom._replace(values=-bottom.values)
+        # The top end stays above every index the bottom end examined (they meet when j is
+        # small), so that no eigenvalue of T_j is reported twice.
+        top_limit = j - 1 - bottom.next_index
+    else:
+        top_limit = zero
+    if high:
+        top = _top_end(a, betas, j, high, top_limit, tols, (lower, upper))
+    if which == "LA":
+        values, estimates, count = top.values, top.estimates, top.count
+        filled = jnp.arange(k) < count
+    elif which == "SA":
+        values, estimates = bottom.values, bottom.estimates
+        filled = jnp.arange(k) < bottom.count
+    elif which == "BE":
+        # Ascending: the bottom values as found, then the top ones reversed.
+        values = jnp.concatenate([bottom.values, top.values[::-1]])
+        estimates = jnp.concatenate([bottom.estimates, top.estimates[::-1]])
+        filled = jnp.concatenate(
+            [jnp.arange(low) < bottom.count, (jnp.arange(high) < top.count)[::-1]]
+        )
+    else:  # LM: the k largest in magnitude among both ends' good values.
+        both_v = jnp.concatenate([bottom.values, top.values])
+        both_e = jnp.concatenate([bottom.estimates, top.estimates])
+        both_f = jnp.concatenate([jnp.arange(k) < bottom.count, jnp.arange(k) < top.count])
+        order = jnp.argsort(jnp.where(both_f, -jnp.abs(both_v), jnp.inf))[:k]
+        values, estimates, filled = both_v[order], both_e[order], both_f[order]
+    values = jnp.where(filled, values, jnp.nan)
+    estimates = jnp.where(filled, estimates, jnp.inf)
+    return _Ritz(values=values, estimates=estimates, filled=filled, scale=scale)
+
+
+def eigvalsh_lanczos(
+    op: LinearOperator,
+    key: jax.Array,
+    v0: PyTree | None = None,
+    tol: float | jax.Array | None = None,
+    k: int = 6,
+    which: str = "LA",
+    max_matvecs: int = 2000,
+    check_every: int = DEFAULT_CHECK_EVERY,
+) -> EigResult:
+    r"""The ``k`` extreme eigenvalues of a symmetric operator by Lanczos with no stored basis.
+
+    Runs the plain three-term recurrence (Paige's ordering, no reorthogonalization)
+
+    .. math::
+        \beta_j q_{j+1} = A q_j - \alpha_j q_j - \beta_{j-1} q_{j-1},
+        \qquad T_j = \operatorname{tridiag}(\beta_{1:j-1}, \alpha_{1:j}, \beta_{1:j-1}),
+
+    holding three vectors in Krylov precision (float32 or wider; each product runs in the
+    operator's own dtypes, so bfloat16 parameters stay bfloat16 in the HVP) and the scalars
+    :math:`\alpha, \beta` in buffers of length ``max_matvecs``: the memory is the same for 20
+    products or 20,000. Every ``check_every`` products the wanted Ritz values of :math:`T_j` are
+    computed by bisection on Sturm counts (only the wanted end is examined, in rounds that skip
+    over the copies of converged values) and filtered.
+
+    Without reorthogonalization the Lanczos vectors lose orthogonality as soon as a Ritz value
+    converges (Paige 1971, 1980), and :math:`T_j` grows extra eigenvalues: further copies of
+    converged ones and transient "ghosts" migrating towards them. They are removed by the
+    Cullum-Willoughby test: eigenvalues of :math:`T_j` equal to within ``multol`` (64 eps of the
+    vectors times :math:`\|T_j\|`) are copies, and one is kept; a simple eigenvalue that is also
+    an eigenvalue of :math:`\hat T_j` (:math:`T_j` less its first row and column) to within
+    ``stol`` (32 eps of the tridiagonal work times :math:`\|T_j\|`) is spurious and dropped. A
+    simple value whose residual estimate has converged is kept whatever the test says: by
+    Paige's theorem a small estimate places an eigenvalue of ``A`` within it, while near a dense
+    bulk in float32 the test alone could drop a good value. The tridiagonal work runs in float64
+    whenever x64 is enabled (a few thousand scalars), which keeps ghosts (they match
+    :math:`\hat T_j` to about eps of that work) apart from good values (which miss it by about
+    :math:`s_{1,i}^2` times their gap, :math:`s_{1,i}` the first component of the eigenvector).
+
+    Convergence is judged from the Ritz residual estimates :math:`|\beta_j s_{j,i}|`
+    (:math:`s_{j,i}` the last component of :math:`T_j`'s unit eigenvector, by two steps of
+    inverse iteration on the tridiagonal matrix): a value is converged when its estimate is at
+    most ``tol * max|theta|``, ``theta`` over all of :math:`T_j`. These are estimates, not true
+    residuals: no vectors are kept, so :math:`\|A y - \theta y\|` cannot be formed, and they
+    omit the rounding in the recurrence, which bounds the attainable accuracy near
+    ``eps * ||A||`` of the products. A group of copies is estimated at no more than ``multol``
+    (some unit vector in the copies' span has a zero last component).
+
+    Known limit: a single start vector sees one direction per eigenspace, and without a basis
+    there is nothing to deflate against, so an eigenvalue repeated exactly is reported once (as
+    one converged value), and the next slots hold the next distinct values. When fewer than
+    ``k`` good values exist at the wanted end (an invariant subspace smaller than ``k``, or a
+    budget spent before enough appear), the remaining slots hold ``NaN`` with residual ``inf``
+    and ``converged=False``.
+
+    Args:
+        op: a symmetric :class:`~hesskit.LinearOperator` (its ``linearize()`` is used).
+        key: PRNG key for the start vector, uniform on the unit sphere, when ``v0`` is None.
+        v0: optional nonzero start vector shaped like ``op.like`` (a zero one gives ``ok=False``).
+        tol: relative tolerance on the residual estimates; default
+            :func:`hesskit._src.krylov.default_tol` of the least precise leaf (1e-5 float32,
+            1e-10 float64, 4 eps narrower). Below that leaf's eps it cannot be met honestly:
+            the run stops at eps and reports ``status=PRECISION_FLOOR``.
+        k: number of eigenvalues, ``1 <= k < dim``.
+        which: ``"LA"`` (largest, descending), ``"SA"`` (smallest, ascending), ``"BE"``
+            (``k // 2`` from the bottom and the rest from the top, ascending) or ``"LM"``
+            (largest magnitude, descending by magnitude).
+        max_matvecs: the budget of products (static; the length of the scalar buffers).
+        check_every: products between two Ritz analyses (static). The default 16 was measured
+            on the benchmark MLP: a check costs a few products' time at a few hundred steps,
+            and a run overshoots its stopping point by ``check_every / 2`` products on average.
+
+    Returns:
+        An :class:`~hesskit._src.thick_restart.EigResult` with ``eigenvectors=None``,
+        ``residuals`` the estimates above, ``num_restarts=0``, and ``status`` (when the result
+        has that field): ``CONVERGED``; ``MAX_MATVECS`` when the budget ran out, or when the
+        Krylov space became invariant (``beta ~ 0``) with fewer than ``k`` converged values,
+        since more products could not add any; ``NONFINITE`` (with ``ok=False``) after a NaN or
+        Inf; ``PRECISION_FLOOR`` when ``tol`` is below the products' eps.
+
+    Raises:
+        ValueError: ``k``, ``which``, ``max_matvecs``, ``check_every`` or ``tol`` out of range,
+            or ``v0`` not shaped like the operator's vectors.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from hesskit import LinearOperator
+        >>> d = jnp.linspace(-1.0, 10.0, 200)
+        >>> op = LinearOperator(lambda v: d * v, jnp.zeros(200))
+        >>> res = eigvalsh_lanczos(op, jax.random.key(0), k=2, which="BE")
+        >>> [round(float(x), 4) for x in res.eigenvalues], bool(res.converged.all())
+        ([-1.0, 10.0], True)
+        >>> res.eigenvectors is None
+        True
+
+    References:
+        Paige, *The computation of eigenvalues and eigenvectors of very large sparse
+        matrices*, PhD thesis, University of London, 1971.
+
+        Paige, *Accuracy and effectiveness of the Lanczos algorithm for the symmetric
+        eigenproblem*, Linear Algebra Appl. 34, 1980.
+
+        Cullum and Willoughby, *Lanczos Algorithms for Large Symmetric Eigenvalue
+        Computations*, Vol. 1: Theory, Birkhauser, 1985.
+    """
+    dim = op.dim
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k < dim:
+        msg = f"k must be an int with 1 <= k < dim = {dim}, got {k!r}."
+        raise ValueError(msg)
+    validation.check_one_of(which, "which", WHICH)
+    max_matvecs = validation.check_positive_int(max_matvecs, "max_matvecs", minimum=2)
+    check_every = validation.check_positive_int(check_every, "check_every")
+    if tol is None:
+        tol = krylov.default_tol(op.like)
+    validation.check_positive(tol, "tol")
+    if v0 is not None:
+        validation.check_like(v0, op.like, name="v0", like_name="the operator's vectors")
+    dtype = krylov.krylov_dtype(op.like)
+    return _eigvalsh_lanczos(
+        op, key, v0, jnp.asarray(tol, dtype), int(k), which, max_matvecs, check_every
+    )
+
+
+def _tridiagonal_dtype(dtype: Any) -> jnp.dtype:
+    # The tridiagonal work is a few thousand scalars: do it in float64 whenever JAX allows
+    # (x64 on), so that the ghost test resolves separations far below the vectors' eps.
+    if jax.config.jax_enable_x64:
+        return jnp.dtype(jnp.float64)
+    return jnp.dtype(dtype)
+
+
+def _precision_floor(like: PyTree) -> float:
+    # A product computed in the least precise leaf's dtype errs by about eps * ||A||, so no
+    # tolerance below that eps is met by the true residual, whatever the estimates say.
+    leaves = jax.tree_util.tree_leaves(like)
+    return max(float(jnp.finfo(jnp.result_type(x)).eps) for x in leaves)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
+def _eigvalsh_lanczos(
+    op: LinearOperator,
+    key: jax.Array,
+    v0: PyTree | None,
+    tol: jax.Array,
+    k: int,
+    which: str,
+    max_matvecs: int,
+    check_every: int,
+) -> EigResult:
+    op = op.linearize()
+    apply = krylov.product(op)
+    dtype = krylov.krylov_dtype(op.like)
+    tdtype = _tridiagonal_dtype(dtype)
+    eps = jnp.finfo(dtype).eps
+    floor = _precision_floor(op.like)
+    n = max_matvecs
+    start = tree_random_sphere(key, krylov.krylov_like(op.like)) if v0 is None else v0
+    q0, norm0 = tree_normalize(krylov.to_krylov(start))
+    zero = jax.tree_util.tree_map(jnp.zeros_like, q0)
+
+    class State(NamedTuple):
+        q_prev: PyTree
+        q: PyTree
+        alphas: jax.Array
+        betas: jax.Array
+        steps: jax.Array
+        scale: jax.Array
+        ok: jax.Array
+        breakdown: jax.Array
+        ritz: _Ritz
+        done: jax.Array
+
+    def step(st: State) -> State:
+        j = st.steps
+        beta_prev = jnp.where(j > 0, st.betas[jnp.maximum(j - 1, 0)], 0.0).astype(dtype)
+        w = apply(st.q)
+        # Paige's ordering (A2): subtract the previous vector before taking alpha, the
+        # variant whose loss of orthogonality his analysis bounds.
+        w = jax.tree_util.tree_map(lambda x, p: x - (beta_prev * p).astype(x.dtype), w, st.q_prev)
+        alpha = tree_vdot(st.q, w)
+        w = jax.tree_util.tree_map(lambda x, q: x - (alpha * q).astype(x.dtype), w, st.q)
+        w, beta = tree_normalize(w)
+        finite = jnp.isfinite(alpha) & jnp.isfinite(beta)
+        scale = jnp.maximum(st.scale, (jnp.abs(alpha) + beta + beta_prev).astype(tdtype))
+        # An invariant subspace: the Ritz values of T_j are exact eigenvalues, and the next
+        # vector would be rounding noise that (with no basis to orthogonalize against)
+        # could only repeat them.
+        breakdown = beta <= 32 * eps * scale
+        return st._replace(
+            q_prev=st.q,
+            q=w,
+            alphas=st.alphas.at[j].set(alpha.astype(tdtype)),
+            betas=st.betas.at[j].set(jnp.where(breakdown, 0.0, beta).astype(tdtype)),
+            steps=j + 1,
+            scale=scale,
+            ok=st.ok & finite,
+            breakdown=breakdown,
+        )
+
+    def analyse(st: State) -> State:
+        reach_rel = jnp.maximum(tol, floor).astype(tdtype)
+        ritz = _ritz(st.alphas, st.betas, st.steps, which, k, eps, reach_rel)
+        reach = reach_rel * ritz.scale
+        settled = jnp.all(ritz.filled & (ritz.estimates <= reach))
+        done = settled | (st.steps >= n) | st.breakdown | ~st.ok
+        return st._replace(ritz=ritz, done=done)
+
+    def cycle(st: State) -> State:
+        stop = jnp.minimum(st.steps + check_every, n)
+        st = jax.lax.while_loop(lambda s: (s.steps < stop) & s.ok & ~s.breakdown, step, st)
+        return analyse(st)
+
+    empty = _Ritz(
+        values=jnp.full(k, jnp.nan, tdtype),
+        estimates=jnp.full(k, jnp.inf, tdtype),
+        filled=jnp.zeros(k, bool),
+        scale=jnp.zeros((), tdtype),
+    )
+    init = State(
+        q_prev=zero,
+        q=q0,
+        alphas=jnp.zeros(n, tdtype),
+        betas=jnp.zeros(n, tdtype),
+        steps=jnp.zeros((), jnp.int32),
+        scale=jnp.zeros((), tdtype),
+        ok=jnp.isfinite(norm0) & (norm0 > 0),
+        breakdown=jnp.asarray(False),
+        ritz=empty,
+        done=jnp.asarray(False),
+    )
+    final = jax.lax.while_loop(lambda s: ~s.done, cycle, init)
+    ritz = final.ritz
+    ok = final.ok & jnp.all(jnp.where(ritz.filled, jnp.isfinite(ritz.values), True))
+    reachable = tol >= floor
+    converged = ritz.filled & (ritz.estimates <= tol * ritz.scale) & reachable & ok
+    floored = ritz.filled & (ritz.estimates <= floor * ritz.scale)
+    status = jnp.where(
+        ~ok,
+        krylov.NONFINITE,
+        jnp.where(
+            jnp.all(converged),
+            krylov.CONVERGED,
+            jnp.where(~reachable & jnp.all(floored), krylov.PRECISION_FLOOR, krylov.MAX_MATVECS),
+        ),
+    ).astype(jnp.int32)
+    return _make_result(
+        eigenvalues=ritz.values.astype(dtype),
+        eigenvectors=None,
+        residuals=ritz.estimates.astype(dtype),
+        converged=converged,
+        num_matvecs=final.steps,
+        num_restarts=jnp.zeros((), jnp.int32),
+        ok=ok,
+        status=status,
+    )

@@ -24,13 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hesskit._src import validation
+from hesskit._src import memory, validation
 from hesskit._src.thick_restart import EigResult
 from hesskit._src.tree import tree_axpy, tree_normalize, tree_vdot
 
 PyTree = Any
 
 __all__ = [
+    "ALPHA_CHUNK",
     "DirectionalLoss",
     "StepCheck",
     "directional_loss",
@@ -163,9 +164,26 @@ def _mean_loss(f: Callable, params: PyTree, chunks: PyTree | None) -> jax.Array:
     return jnp.mean(jax.lax.map(lambda c: f(params, c), chunks))
 
 
-def _directional_core(f, params, v, alphas, eigenvalue, chunks):
-    loss_fn = functools.partial(_mean_loss, f, chunks=chunks)
-    loss0, g = jax.value_and_grad(loss_fn)(params)
+ALPHA_CHUNK = 16
+"""The default ``chunk_size``: grid points whose losses are evaluated together (one vmap)."""
+
+
+def _grid_losses(loss_fn, params, v, scale, alphas, chunk: int) -> jax.Array:
+    """``loss_fn(params - alpha * scale * v)`` on the grid, ``chunk`` points at a time.
+
+    One loop over the grid in batches (:func:`hesskit._src.memory.map_in_batches`): each point of a
+    batch is a shifted copy of the parameters with its own activations, so memory follows the
+    chunk, not the grid.
+    """
+
+    def loss_at(a: jax.Array) -> jax.Array:
+        return loss_fn(tree_axpy(-a * scale, v, params))
+
+    return memory.map_in_batches(loss_at, alphas, chunk)
+
+
+def _along(loss_fn, params, loss0, g, v, alphas, eigenvalue, chunk: int) -> DirectionalLoss:
+    """The directional loss along ``v`` given the loss and gradient at ``params``."""
     dtype = loss0.dtype
     v, _ = tree_normalize(v)
     slope = tree_vdot(g, v).astype(dtype)
@@ -175,7 +193,7 @@ def _directional_core(f, params, v, alphas, eigenvalue, chunks):
     else:
         lam = jnp.asarray(eigenvalue).astype(dtype)
     alphas = alphas.astype(dtype)
-    losses = jax.vmap(lambda a: loss_fn(tree_axpy(-a * slope, v, params)))(alphas)
+    losses = _grid_losses(loss_fn, params, v, slope, alphas, min(chunk, alphas.shape[0]))
     losses = losses.astype(dtype)
     model = loss0 - alphas * slope**2 + 0.5 * alphas**2 * lam * slope**2
     masked = jnp.where(jnp.isfinite(losses), losses, jnp.inf)
@@ -195,14 +213,25 @@ def _directional_core(f, params, v, alphas, eigenvalue, chunks):
     )
 
 
-_directional_jit = jax.jit(_directional_core, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _directional_jit(f, params, v, alphas, eigenvalue, chunks, chunk: int):
+    loss_fn = functools.partial(_mean_loss, f, chunks=chunks)
+    loss0, g = jax.value_and_grad(loss_fn)(params)
+    return _along(loss_fn, params, loss0, g, v, alphas, eigenvalue, chunk)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _eigen_directional_jit(f, params, vectors, values, alphas, chunks):
-    return jax.vmap(lambda v, lam: _directional_core(f, params, v, alphas, lam, chunks))(
-        vectors, values
-    )
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _eigen_directional_jit(f, params, vectors, values, alphas, chunks, chunk: int):
+    loss_fn = functools.partial(_mean_loss, f, chunks=chunks)
+    # One gradient for all directions; the directions then run one after another, so memory
+    # is one direction's chunk of the grid, not k of them.
+    loss0, g = jax.value_and_grad(loss_fn)(params)
+
+    def one(pair: tuple) -> DirectionalLoss:
+        v, lam = pair
+        return _along(loss_fn, params, loss0, g, v, alphas, lam, chunk)
+
+    return jax.lax.map(one, (vectors, values))
 
 
 def _check_alphas(alphas: Any) -> jax.Array:
@@ -219,6 +248,17 @@ def _check_alphas(alphas: Any) -> jax.Array:
         msg = "alphas must hold finite real numbers."
         raise ValueError(msg)
     return jnp.asarray(alphas)
+
+
+def _check_chunk(chunk_size: Any, alphas: jax.Array, params: PyTree) -> int:
+    chunk = min(validation.check_positive_int(chunk_size, "chunk_size"), jnp.shape(alphas)[0])
+    memory.check_fits(
+        memory.directional_vectors(chunk),
+        params,
+        f"directional losses (chunk_size={chunk})",
+        reduce="a smaller chunk_size",
+    )
+    return chunk
 
 
 def _check_f_chunks(f: Callable, params: PyTree, chunks: PyTree | None) -> None:
@@ -245,11 +285,12 @@ def directional_loss(
     *,
     eigenvalue: Any = None,
     chunks: PyTree | None = None,
+    chunk_size: int = ALPHA_CHUNK,
 ) -> DirectionalLoss:
     r"""The loss along a direction on a whole grid of step sizes at once, with its model.
 
     Evaluates :math:`L(\theta - \alpha (g^\top v) v)` for every :math:`\alpha` in ``alphas``
-    (one ``vmap``, compiled) next to the quadratic model
+    (compiled, ``chunk_size`` points at a time) next to the quadratic model
     :math:`L_0 - \alpha (g^\top v)^2 + \tfrac12 \alpha^2 \lambda (g^\top v)^2`, and reports the
     best grid point :math:`\alpha^*` and the decrease it gives. ``direction`` is normalized to
     unit length first (its sign does not matter: the step always goes downhill along it). For a
@@ -258,6 +299,11 @@ def directional_loss(
     over fixed chunks stacked on a leading axis, computed one chunk at a time (a
     :func:`jax.lax.map`), as the Hessian "over a fixed subset" of Alain et al. (2019, appendix
     D); the gradient and curvature are those of that mean.
+
+    Memory: ``chunk_size + 6`` parameter-sized vectors
+    (:func:`hesskit._src.memory.directional_vectors`: a chunk of shifted points, the point, its
+    gradient, the direction and a Hessian-vector product), plus one loss evaluation's
+    activations per point of a chunk, whatever the grid's length.
 
     Args:
         f: ``f(params) -> scalar``, or ``f(params, chunk) -> scalar`` when ``chunks`` is given.
@@ -268,6 +314,8 @@ def directional_loss(
         eigenvalue: :math:`\lambda` for the model (e.g. the eigenvalue of ``direction``);
             default :math:`v^\top H v`, one extra Hessian-vector product.
         chunks: optional data chunks stacked along a leading axis.
+        chunk_size: grid points evaluated together (one ``vmap``), ``>= 1``; memory grows with
+            it, the losses do not depend on it.
 
     Returns:
         A :class:`DirectionalLoss` whose fields feed
@@ -296,7 +344,8 @@ def directional_loss(
         if not any(np.any(np.asarray(x) != 0) for x in jax.tree_util.tree_leaves(direction)):
             msg = "direction is zero; give a nonzero direction."
             raise ValueError(msg)
-    return _directional_jit(f, params, direction, alphas, eigenvalue, chunks)
+    chunk = _check_chunk(chunk_size, alphas, params)
+    return _directional_jit(f, params, direction, alphas, eigenvalue, chunks, chunk)
 
 
 def eigen_directional_losses(
@@ -306,10 +355,12 @@ def eigen_directional_losses(
     alphas: Any,
     *,
     chunks: PyTree | None = None,
+    chunk_size: int = ALPHA_CHUNK,
 ) -> DirectionalLoss:
     r""":func:`directional_loss` along each eigenvector of an :class:`~hesskit.EigResult`.
 
-    One compiled ``vmap`` over the ``k`` eigenpairs; the model uses each pair's eigenvalue.
+    One compiled loop over the ``k`` eigenpairs (one gradient shared by all), each grid
+    evaluated ``chunk_size`` points at a time; the model uses each pair's eigenvalue.
     Compare ``inv_alpha_star`` with ``eig_result.eigenvalues``: for a quadratic they agree
     (to the grid spacing), and along negative-curvature directions of real losses
     :math:`\alpha^*` is much larger than :math:`1/|\lambda|` (Alain et al., 2019, figure 4).
@@ -321,6 +372,10 @@ def eigen_directional_losses(
             :func:`hesskit.eigsh`.
         alphas: the shared grid of step sizes, shape ``(m,)``.
         chunks: optional data chunks stacked along a leading axis.
+        chunk_size: grid points evaluated together, ``>= 1``.
+
+    Memory: ``chunk_size + 6`` parameter-sized vectors, as :func:`directional_loss`, whatever
+    ``k`` and the grid's length (the eigenvectors themselves are the caller's).
 
     Returns:
         A :class:`DirectionalLoss` with a leading axis ``k`` on every field: ``alphas`` and
@@ -362,4 +417,5 @@ def eigen_directional_losses(
                 f"leading size {jnp.shape(leaf)[0]}."
             )
             raise ValueError(msg)
-    return _eigen_directional_jit(f, params, vectors, values, alphas, chunks)
+    chunk = _check_chunk(chunk_size, alphas, params)
+    return _eigen_directional_jit(f, params, vectors, values, alphas, chunks, chunk)

@@ -195,47 +195,6 @@ def _krylov_operator(op: LinearOperator) -> LinearOperator:
     return LinearOperator(krylov.product(op), like)
 
 
-def _map_in_batches(fn, xs: jax.Array, batch_size: int):
-    """``fn`` over the leading axis of ``xs``, ``batch_size`` at a time (vmapped within a batch).
-
-    Like ``jax.lax.map(fn, xs, batch_size=...)``, with two differences measured on the Lanczos
-    runs: a batch of one calls ``fn`` unbatched (a size-1 vmap turns the basis's in-place row
-    updates into copies: 94 instead of 34 vectors for one 30-step run), and a ragged last
-    batch runs inside the same loop, as the other branch of a ``lax.cond``, so that its bases
-    share memory with the full batches' (run after the loop, they were held on top of them).
-    """
-    n = xs.shape[0]
-    full, rest = divmod(n, batch_size)
-    num_batches = full + (rest > 0)
-
-    def batch(x: jax.Array):
-        if x.shape[0] == 1:
-            return jax.tree_util.tree_map(lambda a: a[None], fn(x[0]))
-        return jax.vmap(fn)(x)
-
-    if rest == 0:
-        stacked = jax.lax.map(batch, xs.reshape(full, batch_size, *xs.shape[1:]))
-    else:
-        # Pad with copies of the first entries; the ragged branch never evaluates them.
-        pad = jnp.concatenate([xs, xs[: num_batches * batch_size - n]])
-        pad = pad.reshape(num_batches, batch_size, *xs.shape[1:])
-        like = jax.eval_shape(batch, pad[0])
-
-        def ragged(x: jax.Array):
-            out = batch(x[:rest])
-            return jax.tree_util.tree_map(
-                lambda o, s: jnp.zeros(s.shape, s.dtype).at[:rest].set(o), out, like
-            )
-
-        def step(ix):
-            i, x = ix
-            return jax.lax.cond(i < full, batch, ragged, x)
-
-        stacked = jax.lax.map(step, (jnp.arange(num_batches), pad))
-    flat = jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[2:]), stacked)
-    return jax.tree_util.tree_map(lambda a: a[:n], flat)
-
-
 @functools.partial(jax.jit, static_argnums=(4, 5, 6))
 def _slq(op, key, grid, sigma, num_runs: int, num_iters: int, batch_size: int) -> Density:
     # Linearize once, outside the map over runs: every run then pays only for tangent passes.
@@ -249,7 +208,7 @@ def _slq(op, key, grid, sigma, num_runs: int, num_iters: int, batch_size: int) -
         return res.alphas, res.betas, res.num_steps, res.ok
 
     keys = jax.random.split(key, num_runs)
-    alphas, betas, num_steps, ok = _map_in_batches(run, keys, batch_size)
+    alphas, betas, num_steps, ok = memory.map_in_batches(run, keys, batch_size)
     dtype = krylov.krylov_dtype(op.like)
     nodes, weights = jax.vmap(_quadrature)(alphas.astype(dtype), betas.astype(dtype), num_steps)
     bad = ~ok[:, None]

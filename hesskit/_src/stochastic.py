@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
 from hesskit._src import krylov, memory, validation
 from hesskit._src.operators import LinearOperator
 from hesskit._src.tree import (
@@ -98,26 +99,34 @@ def _fold_chunks(body, carry: PyTree, xs: PyTree, chunk: int) -> PyTree:
     return jax.lax.scan(step, carry, (jnp.arange(num), jax.tree_util.tree_map(pad, xs)))[0]
 
 
-def _quadratic_samples(apply, like: PyTree, keys: jax.Array, chunk: int, project=None):
-    """``z^T A z`` for one Rademacher ``z`` per key (``z`` projected first if asked).
+def _deflate(basis: PyTree, z: PyTree) -> PyTree:
+    """``(I - Q^T Q) z`` for a stacked basis ``Q`` of orthonormal (or zero) rows."""
+    return tree_sub(z, tree_matvec(basis, tree_rmatvec(basis, z)))
+
+
+def _quadratic_samples(apply, like: PyTree, keys: jax.Array, chunk: int, basis=None):
+    """``z^T A z`` for one Rademacher ``z`` per key (deflated by ``basis`` when given).
 
     ``apply`` maps Krylov-precision vectors to Krylov-precision products; ``chunk`` probes
-    are applied together.
+    are applied together. The basis travels in the loop's carry rather than as a captured
+    constant: XLA copies a loop's invariant operands into the loop, which for Hutch++ held a
+    second copy of its basis (measured: ``2k + 12`` instead of ``k + 12`` vectors).
     """
     n = keys.shape[0]
 
-    def sample(key: jax.Array) -> jax.Array:
+    def sample(key: jax.Array, basis: PyTree) -> jax.Array:
         z = tree_random_rademacher(key, like)
-        if project is not None:
-            z = project(z)
+        if basis is not None:
+            z = _deflate(basis, z)
         return tree_vdot(z, apply(z))
 
-    def body(out: jax.Array, batch: tuple) -> jax.Array:
+    def body(carry: tuple, batch: tuple) -> tuple:
+        out, basis = carry
         idx, ks = batch
-        return out.at[idx].set(_batched(sample, ks))
+        return out.at[idx].set(_batched(lambda kk: sample(kk, basis), ks)), basis
 
     out = jnp.zeros(n, krylov.krylov_dtype(like))
-    return _fold_chunks(body, out, (jnp.arange(n), keys), chunk)
+    return _fold_chunks(body, (out, basis), (jnp.arange(n), keys), chunk)[0]
 
 
 def _mean_and_stderr(samples: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -160,9 +169,12 @@ def trace(
     row instead of a direction made of rounding: the rows stay orthonormal or zero, so
     :math:`QQ^\top` stays an orthogonal projector and the estimate stays unbiased.
 
-    Memory: Hutchinson holds ``2 * chunk_size + 4`` parameter-sized vectors (a chunk of probes
-    and their products), Hutch++ ``num_probes // 3 + 2 * chunk_size + 4`` (its basis plus a
-    chunk), whatever ``num_probes`` otherwise (:func:`hesskit._src.memory.hutchinson_vectors`,
+    Memory: Hutchinson holds ``4 * chunk_size + 4`` parameter-sized vectors (per probe of a
+    chunk: its random bits, the probe, its product and their elementwise product), whatever
+    ``num_probes``; Hutch++ holds its basis on top, ``k + 4 * chunk_size + 4`` with
+    ``k = num_probes // 3`` when ``chunk_size < k`` divides ``k`` and ``num_probes - 2k``,
+    up to ``k`` more for a ragged last chunk and ``4 * chunk_size`` more when the sketch fits
+    in one chunk (:func:`hesskit._src.memory.hutchinson_vectors`,
     :func:`hesskit._src.memory.hutchpp_vectors`). A request that cannot fit in the memory the
     backend reports raises before anything runs.
 
@@ -268,19 +280,19 @@ def _trace(op: LinearOperator, key: jax.Array, n: int, method: str, chunk: int) 
     sketch_chunk = min(chunk, k)
     basis = _fold_chunks(sketch, zeros, (jnp.arange(k), jax.random.split(key_s, k)), sketch_chunk)
 
-    def exact(total: jax.Array, idx: jax.Array) -> jax.Array:
+    def exact(carry: tuple, idx: jax.Array) -> tuple:
+        total, basis = carry
         rows = jax.tree_util.tree_map(lambda b: b[idx], basis)
-        return total + jnp.sum(_batched(lambda q: tree_vdot(q, apply(q)), rows))
+        return total + jnp.sum(_batched(lambda q: tree_vdot(q, apply(q)), rows)), basis
 
     total = jnp.zeros((), krylov.krylov_dtype(like))
-    exact_trace = _fold_chunks(exact, total, jnp.arange(k), sketch_chunk)
-
-    def deflate(z: PyTree) -> PyTree:
-        return tree_sub(z, tree_matvec(basis, tree_rmatvec(basis, z)))
+    # The basis is threaded through each loop's carry (see _quadratic_samples), so that the
+    # three phases hand one buffer along instead of copying it.
+    exact_trace, basis = _fold_chunks(exact, (total, basis), jnp.arange(k), sketch_chunk)
 
     m = n - 2 * k
     keys = jax.random.split(key_g, m)
-    samples = _quadratic_samples(apply, like, keys, min(chunk, m), project=deflate)
+    samples = _quadratic_samples(apply, like, keys, min(chunk, m), basis=basis)
     rest, stderr = _mean_and_stderr(samples)
     return Estimate(exact_trace + rest, stderr, num)
 
@@ -301,8 +313,9 @@ def diagonal(
     chunks, one :func:`jax.vmap` inside). The operator's shift is included. Jit-compatible and
     vmappable over ``key``; gradients through it are not promised.
 
-    Memory: ``2 * chunk_size + 4`` parameter-sized vectors (a chunk of probes and their
-    products, and the running sum), whatever ``num_probes``
+    Memory: ``4 * chunk_size + 4`` parameter-sized vectors (per probe of a chunk: its random
+    bits, the probe, its product and their elementwise product; the running sum), whatever
+    ``num_probes``
     (:func:`hesskit._src.memory.diagonal_vectors`). A request that cannot fit in the memory
     the backend reports raises before anything runs.
 

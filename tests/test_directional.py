@@ -215,3 +215,26 @@ def test_bad_input():
         eigen_directional_losses(f, p, eig, jnp.linspace(0, 1, 3))
     with pytest.raises(ValueError, match="chunk"):
         directional_loss(chunk_loss, jnp.zeros(3), jnp.ones(3), [0.0], chunks=(jnp.ones(3), 1.0))
+
+
+def test_chunk_size_does_not_change_the_losses():
+    # A grid of 23 points one at a time, in ragged chunks of 5 and all at once.
+    f = _f(jnp.float64)
+    p, v = jnp.asarray(THETA0), jnp.asarray(V[:, 2])
+    alphas = jnp.linspace(-0.5, 2.0, 23)
+    base = directional_loss(f, p, v, alphas, chunk_size=23)
+    for chunk in (1, 5, 100):
+        res = directional_loss(f, p, v, alphas, chunk_size=chunk)
+        np.testing.assert_allclose(res.losses, base.losses, rtol=1e-11)
+        assert float(res.alpha_star) == float(base.alpha_star)
+    vectors = jnp.asarray(V[:, 1:4].T)
+    eig = hk.EigResult._make([None] * len(hk.EigResult._fields))._replace(
+        eigenvalues=jnp.asarray(W[1:4]), eigenvectors=vectors
+    )
+    res = eigen_directional_losses(f, p, eig, alphas, chunk_size=5)
+    for i in range(3):
+        one = directional_loss(f, p, vectors[i], alphas, eigenvalue=W[1 + i])
+        np.testing.assert_allclose(res.losses[i], one.losses, rtol=1e-11)
+        np.testing.assert_allclose(res.model[i], one.model, rtol=1e-11)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        directional_loss(f, p, v, alphas, chunk_size=0)

@@ -195,3 +195,40 @@ def test_diagonal_bad_input():
         hk.diagonal(op, jax.random.key(0), num_probes=-3)
     with pytest.raises(TypeError, match="num_probes"):
         hk.diagonal(op, jax.random.key(0), num_probes=2.0)
+
+
+def test_chunk_size_does_not_change_the_estimates():
+    # One chunk, ragged chunks and chunks of one: the same probes, the same estimate (to
+    # rounding); Hutch++'s basis is built the same way whatever the chunking.
+    op = pytree_operator(matrix_with_spectrum(SPECTRA["clustered"], 6), jnp.float64)
+    key = jax.random.key(12)
+    for method in ("hutch++", "hutchinson"):
+        base = hk.trace(op, key, num_probes=40, method=method, chunk_size=40)
+        for chunk in (1, 7):
+            other = hk.trace(op, key, num_probes=40, method=method, chunk_size=chunk)
+            np.testing.assert_allclose(other.value, base.value, rtol=1e-10)
+            np.testing.assert_allclose(other.stderr, base.stderr, rtol=1e-8)
+    base = ravel_pytree(hk.diagonal(op, key, num_probes=30, chunk_size=30))[0]
+    other = ravel_pytree(hk.diagonal(op, key, num_probes=30, chunk_size=4))[0]
+    np.testing.assert_allclose(other, base, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        hk.trace(op, key, num_probes=9, chunk_size=0)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        hk.diagonal(op, key, num_probes=9, chunk_size=0)
+
+
+def test_hutchpp_basis_is_orthonormal_or_zero():
+    # The projector behind the deflation: rows orthonormal, dependent images left as zero.
+    from hesskit._src.stochastic import _orthonormal_rows
+
+    rng = np.random.default_rng(3)
+    y = rng.standard_normal((6, 20))
+    y[3] = y[0] - 2 * y[1]  # in the span of the rows before it
+    basis = _orthonormal_rows(jnp.zeros((6, 20)), jnp.asarray(y), jnp.arange(6))
+    q = np.asarray(basis)
+    assert np.allclose(q[3], 0.0)
+    live = np.delete(q, 3, axis=0)
+    np.testing.assert_allclose(live @ live.T, np.eye(5), atol=1e-12)
+    # Same span as the images.
+    proj = q.T @ q
+    np.testing.assert_allclose(proj @ y.T, y.T, atol=1e-10)

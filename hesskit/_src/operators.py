@@ -572,16 +572,22 @@ def mean_hessian_operator(
     The data and ``args`` (passed whole to every chunk: a dropout key, a mask) are leaves of
     the operator, so solvers compile once for all data sets of the same shapes.
 
-    Memory and cost per product (``benchmarks``/the timing in this module's tests measure
-    them):
+    Memory and cost per product, the two modes:
 
     * ``linearize=False`` (default): every product runs each chunk's forward and backward pass
-      again (``jvp`` of the gradient, inside the scan), holding one chunk's activations at a
-      time; about 2.4 gradients' work per product.
-    * ``linearize=True``: the solvers' ``linearize()`` runs the forward and backward pass once
-      for every chunk and keeps all their residuals (``jax.linearize`` of the scan), memory of
-      the order of the activations of the whole data set; each product is then a tangent pass
-      only, about 1.4 gradients' work. Use it when those residuals fit.
+      again (``jvp`` of the gradient, inside the scan), so it holds one chunk's activations at
+      a time, whatever the size of the data set; about 2-2.5 gradients' work per product.
+    * ``linearize=True``: the solvers' ``linearize()`` runs the forward and backward pass of
+      every chunk once (``jax.linearize`` of the scan) and keeps all their residuals, memory
+      of the order of the activations of the *whole* data set (on the 1,797 digits: 1.9 MB for
+      the 2.4k-parameter MLP, 21 MB for the 85k one, 60-200x the parameters); each product is
+      then a tangent pass only, about 1.2-1.9 gradients' work. Use it when those residuals fit.
+
+    Measured on the digits MLPs (1,797 examples, ``chunk_size=600``, float32, CPU): XLA's cost
+    model counts 1.8-2.5 gradients of FLOPs per default product against 1.2-1.9 per
+    linearized one (plus 0.5-0.7 once); wall time on the 85k MLP was 41-66 ms against 28-49
+    ms per product (a gradient 12 ms, a shared 2-core machine), while on the 2.4k MLP, too
+    small to be compute-bound, the two took the same 0.7-0.8 ms.
 
     Args:
         loss_fn: ``loss_fn(params, chunk, *args) -> scalar`` mean loss over one chunk.

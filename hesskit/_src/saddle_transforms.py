@@ -3,6 +3,13 @@
 Every factory returns an :class:`optax.GradientTransformationExtraArgs` with a ``NamedTuple``
 state that carries its PRNG key, accepts and ignores unknown keyword arguments, and takes
 numeric hyperparameters that :func:`optax.inject_hyperparams` can turn into arrays.
+
+The curvature transforms read the objective from ``value_fn``. Call ``update`` inside the
+jitted training step, with the batch an argument of that step and ``value_fn`` made inside it
+(``value_fn=lambda p: loss(p, batch)``): the batch is then a traced value, and the whole step,
+Lanczos products included, compiles once and is reused for every new batch of the same shapes
+(``tests/test_compile_once.py`` counts the loss's traces). A ``value_fn`` that closes over a
+concrete batch outside ``jit`` bakes the batch in as a constant and retraces per batch.
 """
 
 from __future__ import annotations
@@ -307,7 +314,22 @@ def negative_curvature(
 
     Returns:
         An :class:`optax.GradientTransformationExtraArgs`; ``update`` needs ``params`` and
-        ``value_fn``.
+        ``value_fn`` (call it inside the jitted step that takes the batch, see the module
+        documentation, so that it compiles once).
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, optax
+        >>> loss = lambda p, batch: jnp.sum(batch * p**2)   # a saddle when batch has signs
+        >>> opt = optax.chain(optax.sgd(0.1), negative_curvature(0.5, num_matvecs=2))
+        >>> @jax.jit
+        ... def step(p, state, batch):                      # the batch is traced: one compile
+        ...     f = lambda q: loss(q, batch)
+        ...     updates, state = opt.update(jax.grad(f)(p), state, p, value_fn=f)
+        ...     return optax.apply_updates(p, updates), state
+        >>> p = jnp.zeros(2)
+        >>> p, state = step(p, opt.init(p), jnp.array([1.0, -1.0]))
+        >>> round(float(optax.tree_utils.tree_get(state, "eigenvalue")), 4)
+        -2.0
 
     References:
         Alain, Le Roux and Manzagol, *Negative eigenvalues of the Hessian in deep neural
@@ -386,7 +408,8 @@ def monitor_curvature(
 
     Returns:
         An :class:`optax.GradientTransformationExtraArgs`; ``update`` needs ``params`` and
-        ``value_fn``.
+        ``value_fn`` (call it inside the jitted step that takes the batch, see the module
+        documentation, so that it compiles once).
     """
     _check_positive_int(every, "every")
     _check_positive_int(num_matvecs, "num_matvecs")

@@ -47,3 +47,19 @@ def test_hessian_operator_matches_analytic_cubic(a, c, x, v):
     # rounding: eps^(2/3) relative to the scale of the problem.
     scale = 1.0 + np.abs(want).sum() * (1.0 + np.abs(v).max())
     np.testing.assert_allclose(fd, want @ v, atol=1e-8 * scale)
+
+
+def _least_squares(p, x):
+    # mean over the chunk's examples of (x_i . p)^2 / 2 + a cubic term: H = X^T X / n + ...
+    return 0.5 * jnp.mean((x @ p) ** 2) + jnp.mean(x[:, 0]) * jnp.sum(p**3)
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.integers(1, 13), st.integers(1, 16), st.booleans())
+def test_ragged_chunks_weight_each_example_equally(n, chunk_size, linearize):
+    x = jax.random.normal(jax.random.key(n), (n, 3), jnp.float64)
+    p = jnp.asarray([0.3, -0.2, 0.5])
+    op = hk.mean_hessian_operator(_least_squares, p, x, chunk_size=chunk_size, linearize=linearize)
+    want = jax.hessian(lambda q: _least_squares(q, x))(p)
+    np.testing.assert_allclose(op.to_dense(), want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(op.linearize().to_dense(), want, rtol=1e-12, atol=1e-12)

@@ -467,7 +467,10 @@ def hessian_operator(
         f: ``f(params, *args) -> scalar`` (with no ``args``, a function of the parameters).
         params: the point, a pytree of real floating arrays (flax/equinox params as they are).
         *args: data arguments passed to ``f`` after ``params``, not differentiated.
-            :meth:`LinearOperator.with_args` binds new ones of the same shapes.
+            :meth:`LinearOperator.with_args` binds new ones of the same shapes. They are
+            traced inside the solvers, so Python-level options (a ``train=False`` flag that
+            ``f`` branches on) belong in ``f`` itself, e.g. ``functools.partial(f,
+            train=False)`` made once.
         damping: :math:`\delta`, added to the diagonal (a leaf: changing it does not recompile).
 
     Returns:

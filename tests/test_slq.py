@@ -176,12 +176,12 @@ def test_bad_input(kwargs, match):
 
 
 def test_batch_size_does_not_change_the_runs():
-    # Runs one at a time (the default), in a ragged batch of 3 and all at once: the same keys
+    # Runs one at a time (the default), in ragged batches of 3 and all at once: the same keys
     # give the same runs, to rounding.
     op = pytree_operator(matrix_with_spectrum(SPECTRA["clustered"], 4), jnp.float64)
     key = jax.random.key(6)
     base = hk.spectral_density(op, key, num_runs=7, num_iters=10, batch_size=1)
-    for batch in (3, 7, 50):
+    for batch in (3, 50):  # 50 is clipped to num_runs
         other = hk.spectral_density(op, key, num_runs=7, num_iters=10, batch_size=batch)
         np.testing.assert_allclose(other.nodes, base.nodes, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(other.weights, base.weights, rtol=1e-9, atol=1e-12)

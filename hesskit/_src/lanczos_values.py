@@ -167,6 +167,7 @@ class _End(NamedTuple):
     estimates: jax.Array  # (w,) residual estimates; inf in empty slots
     count: jax.Array  # number of filled slots
     next_index: jax.Array  # the first index (counted from this end) not examined
+    claimed: jax.Array  # the lowest index (from this end) in a group that filled a slot
 
 
 def _top_end(
@@ -244,11 +245,14 @@ def _top_end(
         # no longer tell a good value from a ghost.
         good = exists & (multiple | ~near_hat[rep_at] | (group_e <= reach))
         slot = jnp.where(good, st.count + jnp.cumsum(good) - 1, wanted)
+        # The other end may examine everything below the groups that filled slots here.
+        lowest = jnp.where(slot < wanted, below[rep_at], st.claimed)
+        claimed = jnp.minimum(st.claimed, jnp.min(lowest)).astype(jnp.int32)
         values = st.values.at[slot].set(best_v, mode="drop")
         estimates = st.estimates.at[slot].set(group_e, mode="drop")
         count = jnp.minimum(st.count + jnp.sum(good), wanted).astype(jnp.int32)
         next_index = jnp.minimum(floor - 1, st.next_index - c).astype(jnp.int32)
-        return _End(values, estimates, count, next_index)
+        return _End(values, estimates, count, next_index, claimed)
 
     def more(st: _End) -> jax.Array:
         return (st.count < wanted) & (st.next_index >= limit)
@@ -258,12 +262,19 @@ def _top_end(
         estimates=jnp.full(wanted, jnp.inf, dtype),
         count=jnp.zeros((), jnp.int32),
         next_index=(j - 1).astype(jnp.int32),
+        claimed=j.astype(jnp.int32),
     )
     return jax.lax.while_loop(more, round_, init)
 
 
 def _ritz(
-    alphas: jax.Array, betas: jax.Array, j: jax.Array, which: str, k: int, vec_eps, reach_rel
+    alphas: jax.Array,
+    betas: jax.Array,
+    j: jax.Array,
+    which: str,
+    k: int,
+    copy_eps: float,
+    reach_rel: jax.Array,
 ) -> _Ritz:
     """The wanted good Ritz values of T_j with their residual estimates (Cullum-Willoughby)."""
     dtype = alphas.dtype
@@ -284,9 +295,10 @@ def _ritz(
     )
     scale = jnp.max(jnp.abs(ends))
     # Ghosts match T^_j to the precision of this small work (they agree to many more digits
-    # than that); copies of a converged value agree to the precision of the vectors.
+    # than that); copies of a converged value agree only to the precision of the vectors
+    # and the products (``copy_eps``).
     stol = _STOL_FACTOR * eps_t * norm
-    multol = _MULTOL_FACTOR * vec_eps * norm
+    multol = copy_eps * norm
     tols = (stol, multol, reach_rel * scale)
     low = {"LA": 0, "SA": k, "BE": k // 2, "LM": k}[which]
     high = {"LA": k, "SA": 0, "BE": k - k // 2, "LM": k}[which]
@@ -294,9 +306,9 @@ def _ritz(
     if low:
         bottom = _top_end(-a, betas, j, low, zero, tols, (-upper, -lower))
         bottom = bottom._replace(values=-bottom.values)
-        # The top end stays above every index the bottom end examined (they meet when j is
-        # small), so that no eigenvalue of T_j is reported twice.
-        top_limit = j - 1 - bottom.next_index
+        # The top end stays above the groups the bottom end reported (the ends meet when j
+        # is small), so that no eigenvalue of T_j is reported twice.
+        top_limit = j - bottom.claimed
     else:
         top_limit = zero
     if high:
@@ -480,6 +492,10 @@ def _eigvalsh_lanczos(
     tdtype = _tridiagonal_dtype(dtype)
     eps = jnp.finfo(dtype).eps
     floor = _precision_floor(op.like)
+    # Copies of one eigenvalue: 64 eps of the vectors (measured spread of 30 float32 copies:
+    # 8 eps ||A||), or 4 eps of a narrower product dtype (bfloat16 copies spread by about
+    # 0.15 of its eps), the default tolerance there.
+    copy_eps = max(_MULTOL_FACTOR * float(eps), 4 * floor)
     n = max_matvecs
     start = tree_random_sphere(key, krylov.krylov_like(op.like)) if v0 is None else v0
     q0, norm0 = tree_normalize(krylov.to_krylov(start))
@@ -526,7 +542,7 @@ def _eigvalsh_lanczos(
 
     def analyse(st: State) -> State:
         reach_rel = jnp.maximum(tol, floor).astype(tdtype)
-        ritz = _ritz(st.alphas, st.betas, st.steps, which, k, eps, reach_rel)
+        ritz = _ritz(st.alphas, st.betas, st.steps, which, k, copy_eps, reach_rel)
         reach = reach_rel * ritz.scale
         settled = jnp.all(ritz.filled & (ritz.estimates <= reach))
         done = settled | (st.steps >= n) | st.breakdown | ~st.ok

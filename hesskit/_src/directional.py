@@ -324,7 +324,8 @@ def directional_loss(
 
     Raises:
         ValueError: empty, non-one-dimensional or non-finite ``alphas``; ``direction`` not
-            shaped like ``params`` or zero; non-scalar ``f``.
+            shaped like ``params`` or zero; non-scalar ``f``; ``chunk_size`` out of range.
+        InsufficientMemoryError: (a ``MemoryError``) one chunk of the grid cannot fit.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -365,6 +366,9 @@ def eigen_directional_losses(
     (to the grid spacing), and along negative-curvature directions of real losses
     :math:`\alpha^*` is much larger than :math:`1/|\lambda|` (Alain et al., 2019, figure 4).
 
+    Memory: ``chunk_size + 6`` parameter-sized vectors, as :func:`directional_loss`, whatever
+    ``k`` and the grid's length (the eigenvectors themselves are the caller's).
+
     Args:
         f: ``f(params)`` or ``f(params, chunk)`` (with ``chunks``), a scalar loss.
         params: the point where ``eig_result`` was computed.
@@ -374,9 +378,6 @@ def eigen_directional_losses(
         chunks: optional data chunks stacked along a leading axis.
         chunk_size: grid points evaluated together, ``>= 1``.
 
-    Memory: ``chunk_size + 6`` parameter-sized vectors, as :func:`directional_loss`, whatever
-    ``k`` and the grid's length (the eigenvectors themselves are the caller's).
-
     Returns:
         A :class:`DirectionalLoss` with a leading axis ``k`` on every field: ``alphas`` and
         ``losses`` of shape ``(k, m)``, the rest of shape ``(k,)``. For
@@ -385,7 +386,9 @@ def eigen_directional_losses(
         ``res.best_decrease`` and ``res.alpha_star``.
 
     Raises:
-        ValueError: bad ``alphas``, or eigenvectors not shaped like ``params``.
+        ValueError: bad ``alphas`` or ``chunk_size``, or eigenvectors not shaped like
+            ``params``.
+        InsufficientMemoryError: (a ``MemoryError``) one chunk of the grid cannot fit.
 
     Examples:
         >>> import jax, jax.numpy as jnp

@@ -1,0 +1,243 @@
+"""The Krylov core: loop strategies, mixed precision, status codes, memory and defaults."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+from spectra import SPECTRA, dense_operator, matrix_with_spectrum
+
+import hesskit as hk
+from hesskit._src import krylov, thick_restart
+
+
+def _conv_loss(p, x, y):
+    h = jax.lax.conv_general_dilated(
+        x, p["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    out = jnp.tanh(h).reshape(x.shape[0], -1) @ p["w"]
+    return jnp.mean((out - y) ** 2)
+
+
+def _conv_problem(dtype=jnp.float32):
+    k = jax.random.split(jax.random.key(0), 4)
+    params = {
+        "k": 0.5 * jax.random.normal(k[0], (3, 3, 1, 2), dtype),
+        "w": 0.3 * jax.random.normal(k[1], (2 * 5 * 5, 2), dtype),
+    }
+    x = jax.random.normal(k[2], (8, 5, 5, 1), dtype)
+    y = jax.random.normal(k[3], (8, 2), dtype)
+    return params, x, y
+
+
+def _mlp_problem(dtype=jnp.float32, n=64):
+    k = jax.random.split(jax.random.key(1), 4)
+    params = {
+        "w1": (0.7 * jax.random.normal(k[0], (6, 12))).astype(dtype),
+        "b1": jnp.zeros(12, dtype),
+        "w2": (0.7 * jax.random.normal(k[1], (12, 3))).astype(dtype),
+    }
+    x = jax.random.normal(k[2], (n, 6)).astype(dtype)
+    y = jax.random.normal(k[3], (n, 3)).astype(dtype)
+
+    def f(p):
+        h = jnp.tanh(x.astype(p["w1"].dtype) @ p["w1"] + p["b1"])
+        return 0.5 * jnp.mean((h @ p["w2"] - y.astype(p["w2"].dtype)) ** 2)
+
+    return params, f
+
+
+def _dense_hessian(f, params):
+    flat, unravel = ravel_pytree(jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params))
+    return np.asarray(jax.hessian(lambda z: f(unravel(z)))(flat))
+
+
+# -- Loop strategies -----------------------------------------------------------------------------
+def test_host_and_compiled_loops_agree_on_a_convolution():
+    params, x, y = _conv_problem()
+    op = hk.hessian_operator(lambda p: _conv_loss(p, x, y), params)
+    assert thick_restart._loop_penalized(op) == (jax.default_backend() == "cpu")
+    host = hk.eigsh(op, jax.random.key(0), 2, which="BE", loop="host")
+    comp = hk.eigsh(op, jax.random.key(0), 2, which="BE", loop="compiled")
+    assert int(host.num_matvecs) == int(comp.num_matvecs)
+    assert int(host.status) == int(comp.status) == krylov.CONVERGED
+    np.testing.assert_allclose(host.eigenvalues, comp.eigenvalues, rtol=1e-5, atol=1e-7)
+    x64, y64 = x.astype(jnp.float64), y.astype(jnp.float64)
+    ev = np.linalg.eigvalsh(_dense_hessian(lambda p: _conv_loss(p, x64, y64), params))
+    np.testing.assert_allclose(host.eigenvalues, [ev[0], ev[-1]], atol=2e-5 * np.abs(ev).max())
+
+
+def test_host_loop_on_dense_spectra_matches_eigh():
+    a = matrix_with_spectrum(SPECTRA["paper"], seed=2)
+    ev = np.linalg.eigvalsh(a)
+    res = hk.eigsh(dense_operator(a), jax.random.key(0), 3, which="SA", loop="host")
+    np.testing.assert_allclose(res.eigenvalues, ev[:3], atol=1e-9 * np.abs(ev).max())
+    assert bool(res.converged.all()) and int(res.status) == krylov.CONVERGED
+
+
+def test_auto_loop_is_compiled_under_jit_and_host_is_refused_there():
+    params, x, y = _conv_problem()
+    op = hk.hessian_operator(lambda p: _conv_loss(p, x, y), params)
+    jitted = jax.jit(lambda op, key: hk.eigsh(op, key, 1).eigenvalues)
+    eager = hk.eigsh(op, jax.random.key(3), 1).eigenvalues
+    np.testing.assert_allclose(jitted(op, jax.random.key(3)), eager, rtol=1e-5)
+    with pytest.raises(ValueError, match="host"):
+        jax.jit(lambda op, key: hk.eigsh(op, key, 1, loop="host").eigenvalues)(
+            op, jax.random.key(0)
+        )
+    with pytest.raises(ValueError, match="loop"):
+        hk.eigsh(op, jax.random.key(0), 1, loop="python")
+
+
+_TRACES = []
+
+
+def _counted_conv_loss(p, x, y):
+    _TRACES.append(None)
+    return _conv_loss(p, x, y)
+
+
+@pytest.mark.parametrize("loop", ["host", "compiled"])
+def test_new_parameters_and_data_do_not_retrace_the_loss(loop):
+    params, x, y = _conv_problem()
+    _TRACES.clear()
+    op = hk.hessian_operator(_counted_conv_loss, params, x, y)
+    hk.eigsh(op, jax.random.key(0), 1, loop=loop, max_matvecs=60)
+    first = len(_TRACES)
+    new = jax.tree_util.tree_map(lambda a: 0.9 * a, params)
+    hk.eigsh(
+        hk.hessian_operator(_counted_conv_loss, new, x + 1.0, y),
+        jax.random.key(1),
+        1,
+        loop=loop,
+        max_matvecs=60,
+    )
+    assert len(_TRACES) == first
+
+
+# -- Mixed precision -----------------------------------------------------------------------------
+def test_bfloat16_parameters_converge_at_the_default_tolerance():
+    params, f = _mlp_problem()
+    ev = np.linalg.eigvalsh(_dense_hessian(f, params))
+    pb = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params)
+    seen = []
+
+    def fb(p):
+        seen.append({jnp.result_type(a) for a in jax.tree_util.tree_leaves(p)})
+        return f(p)
+
+    res = hk.eigsh(hk.hessian_operator(fb, pb), jax.random.key(0), 2, which="BE")
+    assert int(res.status) == krylov.CONVERGED and bool(res.converged.all())
+    # The products ran in bfloat16; the Krylov work and the vectors are float32.
+    assert all(s == {jnp.dtype(jnp.bfloat16)} for s in seen)
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(res.eigenvectors))
+    np.testing.assert_allclose(res.eigenvalues, [ev[0], ev[-1]], atol=3e-2 * np.abs(ev).max())
+    # The same through trace and lanczos (eigh and qr have no bfloat16 kernels).
+    lz = hk.lanczos(hk.hessian_operator(f, pb), jax.random.key(0), 10)
+    assert lz.alphas.dtype == jnp.float32 and bool(lz.ok)
+
+
+def test_tolerance_below_the_precision_floor_is_reported():
+    params, f = _mlp_problem()
+    mixed = dict(params, w1=params["w1"].astype(jnp.bfloat16))
+    op = hk.hessian_operator(f, mixed)
+    assert thick_restart.default_tol(op.like) == pytest.approx(
+        4 * float(jnp.finfo(jnp.bfloat16).eps)
+    )
+    res = hk.eigsh(op, jax.random.key(0), 2, tol=1e-7, max_matvecs=3000)
+    assert int(res.status) == krylov.PRECISION_FLOOR
+    assert not bool(res.converged.all())
+    assert int(res.num_matvecs) < 3000  # it stopped because more products cannot help
+    ok = hk.eigsh(op, jax.random.key(0), 2)
+    assert int(ok.status) == krylov.CONVERGED
+
+
+def test_float32_tiny_eigenvalues_next_to_a_large_top_end():
+    # Late in training: the wanted negative eigenvalues are 1e-6 of the top one. A tolerance
+    # of 1e-9 is out of float32's reach; the run says so instead of spending its budget.
+    lam = np.concatenate([[1e3, 500.0], np.linspace(-1e-3, 1e-3, 40), [-1e-3 * 1.5, -1e-3 * 2]])
+    a = matrix_with_spectrum(lam, seed=6)
+    op = dense_operator(a, jnp.float32)
+    res = hk.eigsh(op, jax.random.key(0), 2, which="SA", tol=1e-9)
+    assert int(res.status) == krylov.PRECISION_FLOOR
+    assert int(res.num_matvecs) < 2000
+    good = hk.eigsh(op, jax.random.key(0), 2, which="SA")
+    assert int(good.status) == krylov.CONVERGED
+    np.testing.assert_allclose(good.eigenvalues, np.sort(lam)[:2], atol=2e-5 * 1e3)
+
+
+def test_narrow_basis_storage():
+    a = matrix_with_spectrum(SPECTRA["separated"], seed=1)
+    op = dense_operator(a, jnp.float32)
+    ev = np.linalg.eigvalsh(a)
+    res = hk.eigsh(op, jax.random.key(0), 3, basis_dtype=jnp.bfloat16, tol=1e-2)
+    np.testing.assert_allclose(res.eigenvalues, ev[::-1][:3], rtol=1e-2)
+    with pytest.raises(TypeError, match="basis_dtype"):
+        hk.eigsh(op, jax.random.key(0), 3, basis_dtype=jnp.int32)
+
+
+# -- Status codes and defaults ------------------------------------------------------------------
+def test_status_codes_budget_and_nonfinite():
+    a = matrix_with_spectrum(SPECTRA["ill_conditioned"], seed=3)
+    res = hk.eigsh(
+        dense_operator(a), jax.random.key(0), 3, which="SA", krylov_dim=8, max_matvecs=16
+    )
+    assert int(res.status) == krylov.MAX_MATVECS
+    bad = hk.eigsh(hk.LinearOperator(lambda v: v * jnp.nan, jnp.zeros(30)), jax.random.key(0), 2)
+    assert int(bad.status) == krylov.NONFINITE and not bool(bad.ok)
+    assert hk.EigResult(1, 2, 3, 4, 5, 6, 7).status == 0  # results built by hand
+
+
+def test_small_budget_shrinks_the_default_basis():
+    a = matrix_with_spectrum(SPECTRA["paper"], seed=1)
+    res = hk.eigsh(dense_operator(a), jax.random.key(0), 3, which="SA", max_matvecs=25)
+    assert int(res.num_matvecs) <= 25
+    with pytest.raises(ValueError, match="max_matvecs"):
+        hk.eigsh(dense_operator(a), jax.random.key(0), 3, krylov_dim=30, max_matvecs=25)
+
+
+# -- Memory --------------------------------------------------------------------------------------
+def _temp_vectors(fn, *args, n):
+    compiled = jax.jit(fn).lower(*args).compile()
+    return compiled.memory_analysis().temp_size_in_bytes / (4 * n)
+
+
+def _diag_operator(n):
+    d = jnp.linspace(-1.0, 10.0, n, dtype=jnp.float32)
+    return hk.LinearOperator(jax.tree_util.Partial(_diag_matvec, d=d), jnp.zeros(n, jnp.float32))
+
+
+def _diag_matvec(v, d):
+    return d * v
+
+
+@pytest.mark.parametrize("m", [20, 40])
+def test_eigsh_holds_two_stacks(m):
+    n = 50_000
+    op = _diag_operator(n)
+    cfg = thick_restart._Config(3, "SA", m, thick_restart._num_kept(3, m), 2000, True, None, 1e-7)
+    tol = jnp.float32(1e-5)
+    held = _temp_vectors(
+        lambda op, key: thick_restart._eigsh_compiled(op, key, None, tol, cfg),
+        op,
+        jax.random.key(0),
+        n=n,
+    )
+    keep = thick_restart._num_kept(3, m)
+    # Basis and A Q, a column block of each restart rotation, the k Ritz vectors, a few more.
+    assert held <= 2 * m + 2 * -(-keep // 8) + 3 + 8
+    assert held >= 2 * m  # the two stacks are really there (the measurement is meaningful)
+
+
+def test_lanczos_holds_its_basis_and_a_few_vectors():
+    n = 50_000
+    op = _diag_operator(n)
+    for m in (10, 60):
+        compiled = (
+            jax.jit(lambda op, key, m=m: hk.lanczos(op, key, m))
+            .lower(op, jax.random.key(0))
+            .compile()
+        )
+        ma = compiled.memory_analysis()
+        assert ma.temp_size_in_bytes / (4 * n) <= 8
+        assert ma.output_size_in_bytes / (4 * n) == pytest.approx(m, abs=0.1)

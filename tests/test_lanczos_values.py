@@ -97,6 +97,22 @@ def test_matches_eigh(name, which, dtype):
     assert int(res.num_matvecs) <= 2000
 
 
+@pytest.mark.parametrize("which", ["SA", "BE"])
+def test_float32_without_x64(which):
+    # JAX's default: no float64 anywhere, so the tridiagonal work and the ghost test run in
+    # float32 too. BE on the paper spectrum runs hundreds of products while the top end
+    # piles up copies.
+    lam = SPECTRA["paper"]
+    a = matrix_with_spectrum(lam, seed=2)
+    ref = expected(np.linalg.eigvalsh(a.astype(np.float32).astype(np.float64)), which, K)
+    with jax.enable_x64(False):
+        res = eigvalsh_lanczos(dense_operator(a, jnp.float32), jax.random.key(3), k=K, which=which)
+        assert res.eigenvalues.dtype == jnp.float32
+    assert bool(np.all(res.converged))
+    assert rel_err(res.eigenvalues, ref, 100.0) < 1e-4, (res.eigenvalues, ref)
+    assert np.unique(np.asarray(res.eigenvalues)).size == K
+
+
 def test_long_run_keeps_one_copy_of_each_converged_value():
     # BE on the paper spectrum: the top converges within a few dozen products while the
     # bottom needs hundreds, so the top values pile up copies in T_j meanwhile.

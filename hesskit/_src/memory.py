@@ -12,9 +12,11 @@ The counts leave out the operator's own memory (the parameters, the data and wha
 needs for activations), which the caller already holds or which does not scale with the
 solver's settings.
 
-:func:`check_fits` turns the count into bytes and, where the backend reports its free memory,
-raises before a solve that cannot fit: a clear error naming the bytes is better than an
-out-of-memory crash halfway through a compiled loop.
+:func:`check_fits` turns the count into bytes and raises before a solve that cannot fit,
+against the free device memory where the backend reports it (GPU, TPU) and otherwise against
+the host's physical memory (CPU): a clear error naming the bytes is better than an
+out-of-memory crash halfway through a compiled loop. It counts the solver's vectors only, so it
+catches the impossible requests, not every tight one.
 """
 
 from __future__ import annotations

@@ -167,3 +167,30 @@ def test_transforms_compile_once_under_jit_with_new_batches(name):
         state, "eigenvalue" if name == "negative_curvature" else "lambda_max"
     )
     assert np.isfinite(float(lam))
+
+
+def test_tracker_compiles_once_on_a_cnn():
+    # Convolutions take eigsh's other loop strategy on CPU (host-dispatched steps): it must be
+    # compiled once across checkpoints as well.
+    from hesskit.examples import CNN
+
+    module = CNN(channels=(2, 3), hidden=4, num_classes=3)
+    traces = [0]
+
+    def loss(p, batch):
+        traces[0] += 1
+        x, y = batch
+        logp = jax.nn.log_softmax(module.apply(p, x))
+        return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
+
+    def batch(seed):
+        k1, k2 = jax.random.split(jax.random.key(seed))
+        return jax.random.normal(k1, (6, 8, 8, 1)), jax.random.randint(k2, (6,), 0, 3)
+
+    params = module.init(jax.random.key(0), batch(0)[0])
+    tracker = hk.Tracker(k=2, which="BE", max_matvecs=200)
+    counts = []
+    for t in range(3):
+        tracker.update(t, loss, jax.random.key(t), params=params, args=(batch(t),))
+        counts.append(traces[0])
+    assert counts[0] > 0 and counts[2] == counts[0]

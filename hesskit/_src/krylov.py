@@ -45,6 +45,7 @@ __all__ = [
     "init_state",
     "krylov_like",
     "lanczos_step",
+    "num_kept",
     "orthogonalize",
     "product",
     "random_orthogonal",
@@ -125,6 +126,15 @@ def default_tol(like_or_dtype: Any) -> float:
     return float(4 * jnp.finfo(worst).eps)
 
 
+def num_kept(k: int, m: int) -> int:
+    """Ritz vectors a thick restart keeps: the ``k`` wanted plus about half the free space.
+
+    TRLan's rule of thumb: more kept vectors speed the convergence of the wanted ones, fewer
+    leave room for new directions.
+    """
+    return min(m - 1, k + max(1, (m - k) // 2))
+
+
 def _rows(basis: PyTree, num_rows: int | None) -> PyTree:
     if num_rows is None:
         return basis
@@ -169,9 +179,7 @@ def orthogonalize(
     return w, h1 + h2
 
 
-def random_orthogonal(
-    key: jax.Array, basis: PyTree, *, filled: jax.Array | None = None
-) -> PyTree:
+def random_orthogonal(key: jax.Array, basis: PyTree, *, filled: jax.Array | None = None) -> PyTree:
     """A random unit vector orthogonal to the (first ``filled``) rows of ``basis``."""
     like = jax.tree_util.tree_map(
         lambda b: jax.ShapeDtypeStruct(b.shape[1:], _krylov_leaf_dtype(b.dtype)), basis

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hesskit._src.krylov import krylov_like
+from hesskit._src.krylov import krylov_like, num_kept
 
 PyTree = Any
 
@@ -51,9 +51,14 @@ __all__ = [
     "vector_bytes",
 ]
 
-EIGSH_EXTRA = 6
-"""Vectors eigsh holds beyond its two stacks of ``krylov_dim`` (the current and next Lanczos
-vectors, a product, Gram-Schmidt temporaries)."""
+EIGSH_EXTRA = 8
+"""Vectors eigsh holds beyond its two stacks of ``krylov_dim``, the ``k`` Ritz vectors it forms
+(twice: once to check the true residuals, once as the result) and the restart rotation's column
+block: the current and next Lanczos vectors, a product and Gram-Schmidt temporaries."""
+
+EIGSH_VALUES_EXTRA = 10
+"""Vectors the eigenvalues-only eigsh holds whatever the number of products (three Lanczos
+vectors, a product and temporaries)."""
 
 LANCZOS_EXTRA = 6
 """Vectors one Lanczos run holds beyond its basis (the current vector, its product, the
@@ -84,20 +89,23 @@ def _positive(value: int, name: str) -> int:
 
 
 def eigsh_vectors(krylov_dim: int, k: int, *, return_eigenvectors: bool = True) -> int:
-    """Peak vectors of :func:`hesskit.eigsh`: ``2 * krylov_dim + EIGSH_EXTRA``.
+    """Peak vectors of :func:`hesskit.eigsh`.
 
-    Two stacks of ``krylov_dim`` vectors (the basis and its stored products, compressed in
-    place at each restart) plus :data:`EIGSH_EXTRA`; the ``k`` returned eigenvectors are
-    combinations formed in the basis's place. Without eigenvectors no basis is stored:
-    :data:`EIGSH_EXTRA` vectors whatever the number of products.
+    ``2 * krylov_dim + 2 * ceil(keep / 8) + 2 * k + EIGSH_EXTRA`` with ``keep`` the Ritz
+    vectors kept at a restart (about ``(krylov_dim + k) / 2``): two stacks of ``krylov_dim``
+    vectors (the basis and its stored products, rotated in place at each restart, a column
+    block of ``keep / 8`` rows of each at a time), the ``k`` Ritz vectors and their images.
+    Without eigenvectors no basis is stored: :data:`EIGSH_VALUES_EXTRA` vectors whatever the
+    number of products. Measured with ``memory_analysis()`` in ``tests/test_krylov.py``.
     """
     krylov_dim, k = _positive(krylov_dim, "krylov_dim"), _positive(k, "k")
     if k > krylov_dim:
         msg = f"k must be <= krylov_dim, got k={k}, krylov_dim={krylov_dim}."
         raise ValueError(msg)
     if not return_eigenvectors:
-        return EIGSH_EXTRA
-    return 2 * krylov_dim + EIGSH_EXTRA
+        return EIGSH_VALUES_EXTRA
+    keep = num_kept(k, krylov_dim)
+    return 2 * krylov_dim + 2 * (-(-keep // 8)) + 2 * k + EIGSH_EXTRA
 
 
 def lanczos_vectors(num_iters: int) -> int:

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hesskit._src import krylov, validation
+from hesskit._src import krylov, memory, validation
 from hesskit._src.krylov import default_tol
 from hesskit._src.operators import LinearOperator
 from hesskit._src.tree import tree_normalize, tree_random_sphere
@@ -169,7 +169,8 @@ def eigsh(
         basis_dtype: store the basis and ``A Q`` in this dtype (e.g. ``jnp.bfloat16``, half
             the memory of float32) while all arithmetic stays in Krylov precision; ``None``
             stores them in Krylov precision. A narrower basis limits the attainable accuracy
-            to about its ``eps`` (``benchmarks/eigs.py`` measures it).
+            to about its ``eps`` (``benchmarks/eigs.py`` measures it), and the default ``tol``
+            follows it.
 
     Returns:
         An :class:`EigResult`. Inside compiled code nothing can be raised, so how the run ended
@@ -178,6 +179,8 @@ def eigsh(
     Raises:
         ValueError: ``k``, ``krylov_dim``, ``max_matvecs``, ``tol``, ``which`` or ``loop`` out
             of range, or ``loop="host"`` inside traced code.
+        InsufficientMemoryError: the vectors above cannot fit in the free device memory (or,
+            on CPU, in the host's memory); the message names the bytes needed.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -211,8 +214,15 @@ def eigsh(
     if max_matvecs < krylov_dim:
         msg = f"max_matvecs must be >= krylov_dim = {krylov_dim}, got {max_matvecs}."
         raise ValueError(msg)
+    if basis_dtype is not None:
+        basis_dtype = jnp.dtype(basis_dtype)
+        if not jnp.issubdtype(basis_dtype, jnp.floating):
+            msg = f"basis_dtype must be a floating dtype, got {basis_dtype}."
+            raise TypeError(msg)
     if tol is None:
         tol = default_tol(op.like)
+        if basis_dtype is not None:
+            tol = max(tol, default_tol(basis_dtype))
     validation.check_positive(tol, "tol")
     if v0 is not None:
         validation.check_like(v0, op.like, name="v0", like_name="the operator's vectors")
@@ -220,11 +230,12 @@ def eigsh(
         if not isinstance(flag, bool):
             msg = f"{name} must be a bool, got {flag!r}."
             raise TypeError(msg)
-    if basis_dtype is not None:
-        basis_dtype = jnp.dtype(basis_dtype)
-        if not jnp.issubdtype(basis_dtype, jnp.floating):
-            msg = f"basis_dtype must be a floating dtype, got {basis_dtype}."
-            raise TypeError(msg)
+    memory.check_fits(
+        memory.eigsh_vectors(krylov_dim, k, return_eigenvectors=return_eigenvectors),
+        op.like,
+        f"eigsh(k={k}, krylov_dim={krylov_dim})",
+        reduce="a smaller krylov_dim, basis_dtype=jnp.bfloat16 or return_eigenvectors=False",
+    )
     tol = jnp.asarray(tol, krylov.krylov_dtype(op.like))
     traced = _is_traced(op, key, v0)
     if loop == "host" and traced:
@@ -236,10 +247,11 @@ def eigsh(
         from hesskit._src.lanczos_values import eigvalsh_lanczos
 
         return eigvalsh_lanczos(op, key, v0, tol, k, which, max_matvecs)
-    product_eps = max(
-        float(jnp.finfo(jnp.result_type(x)).eps) for x in jax.tree_util.tree_leaves(op.like)
-    )
-    keep = _num_kept(k, krylov_dim)
+    # The rounding floor of the residuals: the least precise of the products and the basis.
+    dtypes = [jnp.result_type(x) for x in jax.tree_util.tree_leaves(op.like)]
+    dtypes += [] if basis_dtype is None else [basis_dtype]
+    product_eps = max(float(jnp.finfo(d).eps) for d in dtypes)
+    keep = krylov.num_kept(k, krylov_dim)
     cfg = _Config(k, which, krylov_dim, keep, max_matvecs, verify, basis_dtype, product_eps)
     if loop == "compiled":
         return _eigsh_compiled(op, key, v0, tol, cfg)
@@ -287,12 +299,6 @@ def _loop_penalized(op: LinearOperator) -> bool:
 def _is_traced(*trees: Any) -> bool:
     leaves = jax.tree_util.tree_leaves(trees)
     return any(isinstance(x, jax.core.Tracer) for x in leaves)
-
-
-def _num_kept(k: int, m: int) -> int:
-    # Keep the wanted pairs plus about half of the remaining space (TRLan's rule of thumb):
-    # more kept vectors speed convergence of the wanted ones, fewer leave room for new ones.
-    return min(m - 1, k + max(1, (m - k) // 2))
 
 
 class _Config(NamedTuple):

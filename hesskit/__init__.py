@@ -20,8 +20,10 @@ from hesskit._src.directional import StepCheck as StepCheck
 from hesskit._src.directional import directional_loss as directional_loss
 from hesskit._src.directional import eigen_directional_losses as eigen_directional_losses
 from hesskit._src.directional import step_check as step_check
+from hesskit._src.krylov import Status as Status
 from hesskit._src.linsolve import SolveResult as SolveResult
 from hesskit._src.linsolve import solve as solve
+from hesskit._src.memory import InsufficientMemoryError as InsufficientMemoryError
 from hesskit._src.operators import LinearOperator as LinearOperator
 from hesskit._src.operators import fd_hvp as fd_hvp
 from hesskit._src.operators import ggn_operator as ggn_operator
@@ -100,8 +102,10 @@ __all__ = [
     "Density",
     "EigResult",
     "Estimate",
+    "InsufficientMemoryError",
     "LanczosResult",
     "SolveResult",
+    "Status",
     "diagonal",
     "eigsh",
     "lanczos",

@@ -13,6 +13,7 @@ bfloat16 kernels.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -39,6 +40,7 @@ __all__ = [
     "MAX_MATVECS",
     "NONFINITE",
     "PRECISION_FLOOR",
+    "Status",
     "cast_like",
     "default_tol",
     "krylov_dtype",
@@ -55,17 +57,29 @@ __all__ = [
     "to_krylov",
 ]
 
-# Status codes of the solvers' results (``EigResult.status``). Nothing can be raised inside
-# compiled loops, so a run says how it ended in this field.
-CONVERGED = 0
-"""Every wanted pair met the tolerance."""
-MAX_MATVECS = 1
-"""The product budget ran out first."""
-NONFINITE = 2
-"""A NaN or Inf was met; nothing in the result is meaningful."""
-PRECISION_FLOOR = 3
-"""The tolerance is below what the products' precision can reach: the residuals stopped
-improving above it. Raise ``tol`` (or use wider parameters); more products will not help."""
+
+class Status(enum.IntEnum):
+    """How a solver's run ended (``EigResult.status``).
+
+    Nothing can be raised inside compiled loops, so a run says how it ended in this field;
+    compare it with these members (``int(res.status) == hk.Status.PRECISION_FLOOR``).
+    """
+
+    CONVERGED = 0
+    """Every wanted pair met the tolerance."""
+    MAX_MATVECS = 1
+    """The product budget ran out first."""
+    NONFINITE = 2
+    """A NaN or Inf was met; nothing in the result is meaningful."""
+    PRECISION_FLOOR = 3
+    """The tolerance is below what the products' precision can reach: the residuals stopped
+    improving above it. Raise ``tol`` (or use wider parameters); more products will not help."""
+
+
+CONVERGED = int(Status.CONVERGED)
+MAX_MATVECS = int(Status.MAX_MATVECS)
+NONFINITE = int(Status.NONFINITE)
+PRECISION_FLOOR = int(Status.PRECISION_FLOOR)
 
 
 def _krylov_leaf_dtype(dtype: Any) -> jnp.dtype:

@@ -56,7 +56,7 @@ def _dense_hessian(f, params):
 def test_host_and_compiled_loops_agree_on_a_convolution():
     params, x, y = _conv_problem()
     op = hk.hessian_operator(lambda p: _conv_loss(p, x, y), params)
-    assert thick_restart._loop_penalized(op) == (jax.default_backend() == "cpu")
+    assert krylov.loop_penalized(op) == (jax.default_backend() == "cpu")
     host = hk.eigsh(op, jax.random.key(0), 2, which="BE", loop="host")
     comp = hk.eigsh(op, jax.random.key(0), 2, which="BE", loop="compiled")
     assert int(host.num_matvecs) == int(comp.num_matvecs)
@@ -65,6 +65,18 @@ def test_host_and_compiled_loops_agree_on_a_convolution():
     x64, y64 = x.astype(jnp.float64), y.astype(jnp.float64)
     ev = np.linalg.eigvalsh(_dense_hessian(lambda p: _conv_loss(p, x64, y64), params))
     np.testing.assert_allclose(host.eigenvalues, [ev[0], ev[-1]], atol=2e-5 * np.abs(ev).max())
+
+
+def test_lanczos_and_slq_host_loops_match_compiled():
+    params, x, y = _conv_problem()
+    op = hk.hessian_operator(_conv_loss, params, x, y)
+    host = hk.lanczos(op, jax.random.key(1), 12, loop="host")
+    comp = hk.lanczos(op, jax.random.key(1), 12, loop="compiled")
+    np.testing.assert_allclose(host.alphas, comp.alphas, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(host.betas, comp.betas, rtol=1e-5, atol=1e-6)
+    d_host = hk.spectral_density(op, jax.random.key(2), num_runs=2, num_iters=8)  # auto: host
+    d_comp = hk.spectral_density(op, jax.random.key(2), num_runs=2, num_iters=8, loop="compiled")
+    np.testing.assert_allclose(d_host.nodes, d_comp.nodes, rtol=1e-4, atol=1e-5)
 
 
 def test_host_loop_on_dense_spectra_matches_eigh():

@@ -14,6 +14,7 @@ bfloat16 kernels.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -45,6 +46,10 @@ __all__ = [
     "default_tol",
     "krylov_dtype",
     "init_state",
+    "is_traced",
+    "linearized",
+    "loop_penalized",
+    "resolve_loop",
     "krylov_like",
     "lanczos_step",
     "num_kept",
@@ -390,3 +395,79 @@ def ritz_pairs(
 
     values, residuals = jax.vmap(refine)(images, vectors, theta)
     return values, vectors, residuals
+
+
+# XLA:CPU primitives that run many times slower inside a while loop than outside it
+# (jax-ml/jax#12868): the loop body loses the thunk runtime's fast kernels for them.
+_LOOP_PENALIZED = frozenset({"conv_general_dilated"})
+
+
+def _primitives(jaxpr: Any) -> set[str]:
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        stack = list(eqn.params.values())
+        while stack:
+            p = stack.pop()
+            if isinstance(p, tuple | list):
+                stack.extend(p)
+            elif hasattr(p, "eqns"):
+                names |= _primitives(p)
+            elif hasattr(getattr(p, "jaxpr", None), "eqns"):
+                names |= _primitives(p.jaxpr)
+    return names
+
+
+@functools.lru_cache(maxsize=256)
+def _product_primitives(treedef: Any, avals: tuple) -> frozenset[str]:
+    leaves = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
+    op = jax.tree_util.tree_unflatten(treedef, leaves)
+    v = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), op.like)
+    return frozenset(_primitives(jax.make_jaxpr(lambda o, x: o(x))(op, v).jaxpr))
+
+
+def loop_penalized(op: Any) -> bool:
+    """Whether the host loop is the faster choice: CPU, with a product XLA slows in loops."""
+    if jax.default_backend() != "cpu":
+        return False
+    leaves, treedef = jax.tree_util.tree_flatten(op)
+    avals = tuple(jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in leaves)
+    return bool(_product_primitives(treedef, avals) & _LOOP_PENALIZED)
+
+
+def is_traced(*trees: Any) -> bool:
+    leaves = jax.tree_util.tree_leaves(trees)
+    return any(isinstance(x, jax.core.Tracer) for x in leaves)
+
+
+LOOPS = ("auto", "compiled", "host")
+
+
+def resolve_loop(loop: str, op: Any, *trees: Any) -> str:
+    """The loop strategy to run: ``"compiled"`` or ``"host"`` (see :func:`hesskit.eigsh`).
+
+    ``"auto"`` is ``"host"`` on CPU outside traced code when the product holds a primitive
+    XLA:CPU slows inside loops (convolutions, jax-ml/jax#12868), and ``"compiled"`` otherwise.
+
+    Raises:
+        ValueError: an unknown ``loop``, or ``"host"`` inside ``jit``/``vmap``.
+    """
+    if loop not in LOOPS:
+        msg = f"loop must be one of {LOOPS}, got {loop!r}."
+        raise ValueError(msg)
+    traced = is_traced(op, *trees)
+    if loop == "host" and traced:
+        msg = 'loop="host" cannot run inside jit or vmap; use loop="compiled" (or "auto").'
+        raise ValueError(msg)
+    if loop == "auto":
+        return "host" if not traced and loop_penalized(op) else "compiled"
+    return loop
+
+
+@jax.jit
+def linearized(op: Any) -> Any:
+    """``op.linearize()`` as a pytree that crosses ``jit`` boundaries (host-dispatched loops)."""
+    # jax.linearize returns a Partial: the linearized operator is a pytree whose residuals are
+    # leaves, and jit returns the same static function each call, so the
+    # per-step functions taking it compile once.
+    return op.linearize()

@@ -11,7 +11,7 @@ import numpy as np
 
 from hesskit._src import krylov, memory, validation
 from hesskit._src.operators import LinearOperator
-from hesskit._src.tridiag import _lanczos
+from hesskit._src.tridiag import _lanczos, _lanczos_host
 
 PyTree = Any
 
@@ -52,6 +52,7 @@ def spectral_density(
     grid: jax.typing.ArrayLike | None = None,
     sigma: float | None = None,
     batch_size: int = 1,
+    loop: str = "auto",
 ) -> Density:
     r"""The eigenvalue density of :math:`A` by stochastic Lanczos quadrature (SLQ).
 
@@ -104,6 +105,9 @@ def spectral_density(
         sigma: optional Gaussian width, ``> 0``.
         batch_size: runs computed together (vmapped), ``>= 1``; larger values are clipped to
             ``num_runs``. Memory grows with it, not with ``num_runs``.
+        loop: ``"auto"``, ``"compiled"`` or ``"host"`` as in :func:`hesskit.eigsh`; the host
+            loop (chosen on CPU for products with convolutions) runs the runs one at a time,
+            each step a compiled call, ignoring ``batch_size``.
 
     Returns:
         A :class:`Density`. Costs ``num_runs * num_iters`` products. If a run meets NaN/Inf,
@@ -161,6 +165,8 @@ def spectral_density(
             raise ValueError(msg)
         grid = jnp.asarray(grid, dtype)
     sigma = None if sigma is None else jnp.asarray(sigma, dtype)
+    if krylov.resolve_loop(loop, op, key) == "host":
+        return _slq_host(op, key, grid, sigma, num_runs, num_iters)
     return _slq(op, key, grid, sigma, num_runs, num_iters, batch_size)
 
 
@@ -184,22 +190,11 @@ def _quadrature(alphas: jax.Array, betas: jax.Array, num_steps: jax.Array):
     return nodes[order], weights[order]
 
 
-def _krylov_operator(op: LinearOperator) -> LinearOperator:
-    """``op`` on Krylov-precision vectors, products still in the parameters' dtypes."""
-    like = krylov.krylov_like(op.like)
-    same = jax.tree_util.tree_all(
-        jax.tree_util.tree_map(lambda a, b: a.dtype == b.dtype, like, op.like)
-    )
-    if same:
-        return op
-    return LinearOperator(krylov.product(op), like)
-
-
 @functools.partial(jax.jit, static_argnums=(4, 5, 6))
 def _slq(op, key, grid, sigma, num_runs: int, num_iters: int, batch_size: int) -> Density:
     # Linearize once, outside the map over runs: every run then pays only for tangent passes.
     # Linearizing an already linearized operator returns it unchanged.
-    lin = _krylov_operator(op.linearize())
+    lin = op.linearize()
 
     def run(k: jax.Array):
         # Only the small tridiagonal leaves a run: its basis dies with it, so the map holds
@@ -208,13 +203,27 @@ def _slq(op, key, grid, sigma, num_runs: int, num_iters: int, batch_size: int) -
         return res.alphas, res.betas, res.num_steps, res.ok
 
     keys = jax.random.split(key, num_runs)
-    alphas, betas, num_steps, ok = memory.map_in_batches(run, keys, batch_size)
-    dtype = krylov.krylov_dtype(op.like)
-    nodes, weights = jax.vmap(_quadrature)(alphas.astype(dtype), betas.astype(dtype), num_steps)
+    runs = memory.map_in_batches(run, keys, batch_size)
+    return _density(*runs, grid, sigma, num_iters)
+
+
+def _slq_host(op, key, grid, sigma, num_runs: int, num_iters: int) -> Density:
+    # One run after another, each a host-dispatched Lanczos (no convolution inside a loop).
+    runs = [_lanczos_host(op, k, None, num_iters) for k in jax.random.split(key, num_runs)]
+    stacked = [jnp.stack([getattr(r, name) for r in runs]) for name in _RUN_FIELDS]
+    return _density_jit(*stacked, grid, sigma, num_iters)
+
+
+_RUN_FIELDS = ("alphas", "betas", "num_steps", "ok")
+
+
+def _density(alphas, betas, num_steps, ok, grid, sigma, num_iters: int) -> Density:
+    num_runs = alphas.shape[0]
+    dtype = alphas.dtype
+    nodes, weights = jax.vmap(_quadrature)(alphas, betas.astype(dtype), num_steps)
     bad = ~ok[:, None]
     nodes = jnp.where(bad, jnp.nan, nodes)
     weights = jnp.where(bad, jnp.nan, weights)
-
     lo, hi = jnp.min(nodes), jnp.max(nodes)
     if sigma is None:
         spread = hi - lo
@@ -227,3 +236,6 @@ def _slq(op, key, grid, sigma, num_runs: int, num_iters: int, batch_size: int) -
     density = gauss @ weights.reshape(-1) / num_runs
     density = density / jnp.trapezoid(density, grid)
     return Density(grid=grid, density=density, nodes=nodes, weights=weights)
+
+
+_density_jit = jax.jit(_density, static_argnums=6)

@@ -19,7 +19,6 @@ PyTree = Any
 __all__ = ["EigResult", "default_tol", "eigsh"]
 
 WHICH = ("LA", "SA", "BE", "LM")
-LOOPS = ("auto", "compiled", "host")
 
 
 class EigResult(NamedTuple):
@@ -200,7 +199,6 @@ def eigsh(
         raise ValueError(msg)
     k = int(k)
     validation.check_one_of(which, "which", WHICH)
-    validation.check_one_of(loop, "loop", LOOPS)
     if max_matvecs is not None:
         max_matvecs = validation.check_positive_int(max_matvecs, "max_matvecs")
     if krylov_dim is None:
@@ -237,12 +235,7 @@ def eigsh(
         reduce="a smaller krylov_dim, basis_dtype=jnp.bfloat16 or return_eigenvectors=False",
     )
     tol = jnp.asarray(tol, krylov.krylov_dtype(op.like))
-    traced = _is_traced(op, key, v0)
-    if loop == "host" and traced:
-        msg = 'loop="host" cannot run inside jit or vmap; use loop="compiled" (or "auto").'
-        raise ValueError(msg)
-    if loop == "auto":
-        loop = "host" if not traced and _loop_penalized(op) else "compiled"
+    loop = krylov.resolve_loop(loop, op, key, v0)
     if not return_eigenvectors:
         from hesskit._src.lanczos_values import eigvalsh_lanczos
 
@@ -256,49 +249,6 @@ def eigsh(
     if loop == "compiled":
         return _eigsh_compiled(op, key, v0, tol, cfg)
     return _eigsh_host(op, key, v0, tol, cfg)
-
-
-# XLA:CPU primitives that run many times slower inside a while loop than outside it
-# (jax-ml/jax#12868): the loop body loses the thunk runtime's fast kernels for them.
-_LOOP_PENALIZED = frozenset({"conv_general_dilated"})
-
-
-def _primitives(jaxpr: Any) -> set[str]:
-    names = set()
-    for eqn in jaxpr.eqns:
-        names.add(eqn.primitive.name)
-        stack = list(eqn.params.values())
-        while stack:
-            p = stack.pop()
-            if isinstance(p, tuple | list):
-                stack.extend(p)
-            elif hasattr(p, "eqns"):
-                names |= _primitives(p)
-            elif hasattr(getattr(p, "jaxpr", None), "eqns"):
-                names |= _primitives(p.jaxpr)
-    return names
-
-
-@functools.lru_cache(maxsize=256)
-def _product_primitives(treedef: Any, avals: tuple) -> frozenset[str]:
-    leaves = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
-    op = jax.tree_util.tree_unflatten(treedef, leaves)
-    v = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), op.like)
-    return frozenset(_primitives(jax.make_jaxpr(lambda o, x: o(x))(op, v).jaxpr))
-
-
-def _loop_penalized(op: LinearOperator) -> bool:
-    """Whether the host loop is the faster choice: CPU, with a product XLA slows in loops."""
-    if jax.default_backend() != "cpu":
-        return False
-    leaves, treedef = jax.tree_util.tree_flatten(op)
-    avals = tuple(jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in leaves)
-    return bool(_product_primitives(treedef, avals) & _LOOP_PENALIZED)
-
-
-def _is_traced(*trees: Any) -> bool:
-    leaves = jax.tree_util.tree_leaves(trees)
-    return any(isinstance(x, jax.core.Tracer) for x in leaves)
 
 
 class _Config(NamedTuple):
@@ -477,13 +427,6 @@ def _eigsh_compiled(op, key, v0, tol, cfg: _Config) -> EigResult:
 
 
 # -- Host driver: compiled pieces dispatched from Python, one read per restart. ----------------
-@jax.jit
-def _linearized(op: LinearOperator) -> LinearOperator:
-    # jax.linearize returns a Partial: the linearized operator is a pytree whose residuals are
-    # leaves, and jit returns the same static function each call, so _apply compiles once.
-    return op.linearize()
-
-
 # The Krylov state is donated: each step writes one row of the two stacks in place instead of
 # copying them (which would double the memory and the traffic per step).
 @functools.partial(jax.jit, donate_argnums=1)
@@ -498,7 +441,7 @@ _finish_jit = jax.jit(_finish, static_argnums=1)
 
 
 def _eigsh_host(op, key, v0, tol, cfg: _Config) -> EigResult:
-    lin = _linearized(op)
+    lin = krylov.linearized(op)
     run = _init_jit(op, key, v0, cfg)
     first = 0
     while True:

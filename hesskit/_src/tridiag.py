@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -40,7 +41,12 @@ class LanczosResult(NamedTuple):
 
 
 def lanczos(
-    op: LinearOperator, key: jax.Array, num_iters: int, *, v0: PyTree | None = None
+    op: LinearOperator,
+    key: jax.Array,
+    num_iters: int,
+    *,
+    v0: PyTree | None = None,
+    loop: str = "auto",
 ) -> LanczosResult:
     r"""Symmetric Lanczos with full reorthogonalization: :math:`Q A Q^\top = T` (tridiagonal).
 
@@ -58,6 +64,9 @@ def lanczos(
         key: PRNG key for the start vector (uniform on the unit sphere) when ``v0`` is None.
         num_iters: number of Lanczos steps (matrix-vector products), ``1 <= num_iters <= dim``.
         v0: optional start vector shaped like ``op.like`` (normalized here; must be nonzero).
+        loop: ``"auto"``, ``"compiled"`` (one ``fori_loop``) or ``"host"`` (each step a
+            compiled call dispatched from Python), as in :func:`hesskit.eigsh`: ``"auto"``
+            avoids XLA:CPU's slow convolutions inside loops. Both give the same result.
 
     Returns:
         A :class:`LanczosResult`. The Ritz values are the eigenvalues of ``T``; stochastic
@@ -81,34 +90,66 @@ def lanczos(
         raise ValueError(msg)
     if v0 is not None:
         validation.check_like(v0, op.like, name="v0", like_name="the operator's vectors")
+    if krylov.resolve_loop(loop, op, key, v0) == "host":
+        return _lanczos_host(op, key, v0, num_iters)
     return _lanczos(op, key, v0, num_iters)
+
+
+class _Carry(NamedTuple):
+    kry: krylov.KrylovState
+    alphas: jax.Array
+    betas: jax.Array
+    num_steps: jax.Array
+
+
+def _start(op: LinearOperator, key: jax.Array, v0: PyTree | None, m: int) -> _Carry:
+    klike = krylov.krylov_like(op.like)
+    start = tree_random_sphere(key, klike) if v0 is None else krylov.to_krylov(v0)
+    q0, _ = tree_normalize(start)
+    kry = krylov.init_state(q0, key, m, with_images=False)
+    dtype = kry.proj.dtype
+    return _Carry(kry, jnp.zeros(m, dtype), jnp.zeros(m, dtype), jnp.zeros((), jnp.int32))
+
+
+def _step(apply, j: jax.Array, c: _Carry) -> _Carry:
+    alive = c.kry.alive
+    kry = krylov.lanczos_step(c.kry, apply(c.kry.q), j, restart_on_breakdown=False)
+    # Steps after a breakdown multiply the zero vector: their entries stay zero.
+    alphas = c.alphas.at[j].set(jnp.where(alive, kry.proj[j, j], 0.0))
+    betas = c.betas.at[j].set(jnp.where(kry.alive, kry.beta, 0.0))
+    return _Carry(kry, alphas, betas, c.num_steps + alive.astype(jnp.int32))
+
+
+def _result(c: _Carry) -> LanczosResult:
+    m = c.alphas.shape[0]
+    return LanczosResult(
+        alphas=c.alphas,
+        betas=c.betas[: m - 1],
+        basis=c.kry.basis,
+        beta_last=c.betas[m - 1],
+        num_steps=c.num_steps,
+        ok=c.kry.ok,
+    )
 
 
 @jax.jit(static_argnums=3)
 def _lanczos(op: LinearOperator, key: jax.Array, v0: PyTree | None, m: int) -> LanczosResult:
     apply = krylov.product(op.linearize())
-    klike = krylov.krylov_like(op.like)
-    start = tree_random_sphere(key, klike) if v0 is None else krylov.to_krylov(v0)
-    q0, _ = tree_normalize(start)
-    init = krylov.init_state(q0, key, m, with_images=False)
+    out = jax.lax.fori_loop(0, m, lambda j, c: _step(apply, j, c), _start(op, key, v0, m))
+    return _result(out)
 
-    def body(j: jax.Array, carry):
-        kry, alphas, betas, num_steps = carry
-        alive = kry.alive
-        kry = krylov.lanczos_step(kry, apply(kry.q), j, restart_on_breakdown=False)
-        # Steps after a breakdown multiply the zero vector: their entries stay zero.
-        alphas = alphas.at[j].set(jnp.where(alive, kry.proj[j, j], 0.0))
-        betas = betas.at[j].set(jnp.where(kry.alive, kry.beta, 0.0))
-        return kry, alphas, betas, num_steps + alive.astype(jnp.int32)
 
-    dtype = init.proj.dtype
-    carry = (init, jnp.zeros(m, dtype), jnp.zeros(m, dtype), jnp.zeros((), jnp.int32))
-    kry, alphas, betas, num_steps = jax.lax.fori_loop(0, m, body, carry)
-    return LanczosResult(
-        alphas=alphas,
-        betas=betas[: m - 1],
-        basis=kry.basis,
-        beta_last=betas[m - 1],
-        num_steps=num_steps,
-        ok=kry.ok,
-    )
+_start_jit = jax.jit(_start, static_argnums=3)
+
+
+@functools.partial(jax.jit, donate_argnums=2)
+def _host_step(op: LinearOperator, j: jax.Array, c: _Carry) -> _Carry:
+    return _step(krylov.product(op), j, c)
+
+
+def _lanczos_host(op: LinearOperator, key, v0, m: int) -> LanczosResult:
+    lin = krylov.linearized(op)
+    c = _start_jit(op, key, v0, m)
+    for j in range(m):
+        c = _host_step(lin, jnp.asarray(j, jnp.int32), c)
+    return _result(c)

@@ -67,13 +67,17 @@ def test_host_and_compiled_loops_agree_on_a_convolution():
     np.testing.assert_allclose(host.eigenvalues, [ev[0], ev[-1]], atol=2e-5 * np.abs(ev).max())
 
 
-def test_lanczos_and_slq_host_loops_match_compiled():
+def test_lanczos_power_and_slq_host_loops_match_compiled():
     params, x, y = _conv_problem()
     op = hk.hessian_operator(_conv_loss, params, x, y)
     host = hk.lanczos(op, jax.random.key(1), 12, loop="host")
     comp = hk.lanczos(op, jax.random.key(1), 12, loop="compiled")
     np.testing.assert_allclose(host.alphas, comp.alphas, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(host.betas, comp.betas, rtol=1e-5, atol=1e-6)
+    p_host = hk.power_iteration(op, jax.random.key(3), num_iters=30, loop="host")
+    p_comp = hk.power_iteration(op, jax.random.key(3), num_iters=30, loop="compiled")
+    assert int(p_host.num_matvecs) == int(p_comp.num_matvecs)
+    np.testing.assert_allclose(p_host.eigenvalues, p_comp.eigenvalues, rtol=1e-5)
     d_host = hk.spectral_density(op, jax.random.key(2), num_runs=2, num_iters=8)  # auto: host
     d_comp = hk.spectral_density(op, jax.random.key(2), num_runs=2, num_iters=8, loop="compiled")
     np.testing.assert_allclose(d_host.nodes, d_comp.nodes, rtol=1e-4, atol=1e-5)

@@ -33,6 +33,7 @@ def power_iteration(
     tol: float = 1e-4,
     shift: Any = 0.0,
     v0: PyTree | None = None,
+    loop: str = "auto",
 ) -> EigResult:
     r"""Power iteration on :math:`A - \sigma I`: the pair of largest :math:`|\lambda - \sigma|`.
 
@@ -52,6 +53,9 @@ def power_iteration(
         tol: relative residual tolerance (``> 0``).
         shift: :math:`\sigma`.
         v0: optional nonzero start vector shaped like ``op.like`` (e.g. a previous estimate).
+        loop: ``"auto"``, ``"compiled"`` or ``"host"`` as in :func:`hesskit.eigsh` (the host
+            loop dispatches each step from Python and reads the stop flag every 8 steps; the
+            steps after the stop are no-ops, so both give the same result).
 
     Returns:
         An :class:`EigResult` with ``k = 1`` (``num_restarts`` is 0).
@@ -70,40 +74,56 @@ def power_iteration(
     if v0 is not None:
         validation.check_like(v0, op.like, name="v0", like_name="the operator's vectors")
     dtype = krylov.krylov_dtype(op.like)
-    return _power(op, key, v0, jnp.asarray(tol, dtype), jnp.asarray(shift, dtype), num_iters)
+    args = (jnp.asarray(tol, dtype), jnp.asarray(shift, dtype))
+    if krylov.resolve_loop(loop, op, key, v0) == "host":
+        lin = krylov.linearized(op)
+        st = _power_start(lin, key, v0)
+        for it in range(1, num_iters):
+            st = _power_step(lin, st, *args, num_iters)
+            if it % _HOST_CHECK_EVERY == 0 and not bool(_power_continue(st, args[0], num_iters)):
+                break
+        return _power_result(st, args[0])
+    return _power(op, key, v0, *args, num_iters)
 
 
-@functools.partial(jax.jit, static_argnums=5)
-def _power(op, key, v0, tol, shift, num_iters) -> EigResult:
-    apply = krylov.product(op.linearize())
+_HOST_CHECK_EVERY = 8
+
+
+class _State(NamedTuple):
+    v: PyTree
+    av: PyTree
+    lam: jax.Array
+    res: jax.Array
+    it: jax.Array
+
+
+def _measure(apply, v) -> tuple[PyTree, jax.Array, jax.Array]:
+    av = apply(v)
+    lam = tree_vdot(v, av)
+    res = tree_norm(tree_axpy(-lam, v, av))
+    return av, lam, res
+
+
+def _start(op, key, v0) -> _State:
     klike = krylov.krylov_like(op.like)
     start = tree_random_sphere(key, klike) if v0 is None else krylov.to_krylov(v0)
     v, _ = tree_normalize(start)
+    av, lam, res = _measure(krylov.product(op), v)
+    return _State(v, av, lam, res, jnp.ones((), jnp.int32))
 
-    class State(NamedTuple):
-        v: PyTree
-        av: PyTree
-        lam: jax.Array
-        res: jax.Array
-        it: jax.Array
 
-    def measure(v):
-        av = apply(v)
-        lam = tree_vdot(v, av)
-        res = tree_norm(tree_axpy(-lam, v, av))
-        return av, lam, res
+def _continue(st: _State, tol, num_iters: int) -> jax.Array:
+    small = st.res <= tol * jnp.abs(st.lam)
+    return (st.it < num_iters) & ~small & jnp.isfinite(st.res)
 
-    def cond(st: State) -> jax.Array:
-        small = st.res <= tol * jnp.abs(st.lam)
-        return (st.it < num_iters) & ~small & jnp.isfinite(st.res)
 
-    def body(st: State) -> State:
-        v, _ = tree_normalize(tree_axpy(-shift, st.v, st.av))
-        av, lam, res = measure(v)
-        return State(v, av, lam, res, st.it + 1)
+def _advance(apply, st: _State, shift) -> _State:
+    v, _ = tree_normalize(tree_axpy(-shift, st.v, st.av))
+    av, lam, res = _measure(apply, v)
+    return _State(v, av, lam, res, st.it + 1)
 
-    av, lam, res = measure(v)
-    final = jax.lax.while_loop(cond, body, State(v, av, lam, res, jnp.ones((), jnp.int32)))
+
+def _power_result(final: _State, tol) -> EigResult:
     ok = jnp.isfinite(final.lam) & jnp.isfinite(final.res)
     converged = (final.res <= tol * jnp.abs(final.lam)) & ok
     status = jnp.select(
@@ -119,3 +139,30 @@ def _power(op, key, v0, tol, shift, num_iters) -> EigResult:
         ok=ok,
         status=status,
     )
+
+
+_power_start = jax.jit(_start)
+_power_continue = jax.jit(_continue, static_argnums=2)
+
+
+@functools.partial(jax.jit, static_argnums=4, donate_argnums=1)
+def _power_step(op, st: _State, tol, shift, num_iters: int) -> _State:
+    # A no-op once stopped, so reading the flag only every few steps changes nothing.
+    return jax.lax.cond(
+        _continue(st, tol, num_iters),
+        lambda s: _advance(krylov.product(op), s, shift),
+        lambda s: s,
+        st,
+    )
+
+
+@functools.partial(jax.jit, static_argnums=5)
+def _power(op, key, v0, tol, shift, num_iters) -> EigResult:
+    lin = op.linearize()
+    apply = krylov.product(lin)
+    final = jax.lax.while_loop(
+        lambda st: _continue(st, tol, num_iters),
+        lambda st: _advance(apply, st, shift),
+        _start(lin, key, v0),
+    )
+    return _power_result(final, tol)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from hesskit._src import krylov
 from hesskit._src.operators import hessian_operator
 from hesskit._src.tree import (
     tree_dim,
@@ -221,22 +222,20 @@ def _require_value_fn(value_fn: Any, params: Any, name: str) -> None:
         raise TypeError(msg)
 
 
-def _as_float32(tree: PyTree) -> PyTree:
-    # Krylov work in at least float32: bfloat16 eigenproblems are not accurate enough (and eigh
-    # has no bfloat16 kernel); the resulting steps are cast back to the parameters' dtypes.
-    return jax.tree_util.tree_map(lambda a: a.astype(jnp.promote_types(a.dtype, jnp.float32)), tree)
-
-
 def _ritz_extremes(value_fn, params, key, v0, num_matvecs):
-    """Smallest and largest Ritz pairs of a short Lanczos run warm-started at ``v0``."""
+    """Smallest and largest Ritz pairs of a short Lanczos run warm-started at ``v0``.
+
+    The products run in the parameters' dtypes and the Lanczos work in Krylov precision
+    (float32 or wider), so the returned vectors are in Krylov precision.
+    """
     op = hessian_operator(value_fn, params)
     m = min(num_matvecs, op.dim)
     # A warm start that is (nearly) an exact eigenvector makes the Krylov space invariant after
     # one step and hides every other direction; a small random admixture keeps it open.
     k_mix, key = jax.random.split(key)
-    mix = tree_random_sphere(k_mix, op.like)
+    mix = tree_random_sphere(k_mix, krylov.krylov_like(op.like))
     v0 = jax.tree_util.tree_map(lambda a, b: a + 0.1 * b, tree_normalize(v0)[0], mix)
-    res = lanczos(op, key, m, v0=v0)
+    res = lanczos(op, key, m, v0=krylov.cast_like(v0, op.like), loop="compiled")
     # Rows past an early breakdown are zero; push their diagonal entries out of the way so
     # that neither extreme Ritz value comes from them.
     valid = jnp.arange(m) < res.num_steps
@@ -344,7 +343,7 @@ def negative_curvature(
 
     def init_fn(params: PyTree) -> NegativeCurvatureState:
         key, sub = jax.random.split(_as_key(seed))
-        vector = tree_random_sphere(sub, _as_float32(params))
+        vector = tree_random_sphere(sub, krylov.to_krylov(params))
         return NegativeCurvatureState(
             jnp.zeros((), jnp.int32), key, jnp.zeros((), jnp.float32), vector
         )
@@ -352,18 +351,17 @@ def negative_curvature(
     def update_fn(updates, state, params=None, *, value_fn=None, grad=None, **extra_args):
         del extra_args
         _require_value_fn(value_fn, params, "negative_curvature")
-        p32 = _as_float32(params)
         key, sub = jax.random.split(state.rng_key)
 
         def refine(_):
-            lam, vec, _, _ = _ritz_extremes(value_fn, p32, sub, state.eigenvector, num_matvecs)
+            lam, vec, _, _ = _ritz_extremes(value_fn, params, sub, state.eigenvector, num_matvecs)
             return lam.astype(jnp.float32), vec
 
         def keep(_):
             return state.eigenvalue, state.eigenvector
 
         lam, vec = jax.lax.cond(state.count % every == 0, refine, keep, None)
-        g = jax.grad(value_fn)(p32) if grad is None else _as_float32(grad)
+        g = krylov.to_krylov(jax.grad(value_fn)(params) if grad is None else grad)
         gv = tree_vdot(g, vec)
         if step == "unit":
             coeff = jnp.where(gv >= 0, 1.0, -1.0)
@@ -420,7 +418,7 @@ def monitor_curvature(
 
     def init_fn(params: PyTree) -> CurvatureMonitorState:
         key, sub = jax.random.split(_as_key(seed))
-        vector = tree_random_sphere(sub, _as_float32(params))
+        vector = tree_random_sphere(sub, krylov.to_krylov(params))
         nan = jnp.full((), jnp.nan, jnp.float32)
         return CurvatureMonitorState(jnp.zeros((), jnp.int32), key, nan, nan, vector, vector)
 
@@ -433,9 +431,7 @@ def monitor_curvature(
             # Start from top + bottom: the Krylov space then contains both previous
             # directions and refines both ends at once.
             start = jax.tree_util.tree_map(jnp.add, state.top_vector, state.bottom_vector)
-            low, bottom, high, top = _ritz_extremes(
-                value_fn, _as_float32(params), sub, start, num_matvecs
-            )
+            low, bottom, high, top = _ritz_extremes(value_fn, params, sub, start, num_matvecs)
             return high.astype(jnp.float32), low.astype(jnp.float32), top, bottom
 
         def keep(_):

@@ -43,6 +43,7 @@ bench: $(STAMP_TEST)
 	$(PY) benchmarks/hvp.py
 	$(PY) benchmarks/eigs.py
 	$(PY) benchmarks/optimizers.py
+	$(PY) benchmarks/scale.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -367,6 +367,7 @@ class _MeanHessianKernel:
     loss_fn: Callable
     chunk_size: int | None = None
     linearize_chunks: bool = False
+    unroll: int | bool = 1
 
     def _split(self, data: PyTree):
         n = jax.tree_util.tree_leaves(data)[0].shape[0]
@@ -400,7 +401,7 @@ class _MeanHessianKernel:
                     return jax.tree_util.tree_map(jnp.add, acc, grad(p, chunk, *extra)), None
 
                 zeros = jax.tree_util.tree_map(jnp.zeros_like, p)
-                total = scaled(jax.lax.scan(body, zeros, full)[0], w_full)
+                total = scaled(jax.lax.scan(body, zeros, full, unroll=self.unroll)[0], w_full)
             if tail is not None:
                 g_tail = scaled(grad(p, tail, *extra), w_tail)
                 total = g_tail if total is None else jax.tree_util.tree_map(jnp.add, total, g_tail)
@@ -552,6 +553,7 @@ def mean_hessian_operator(
     chunk_size: int | None = None,
     damping: Any = 0.0,
     linearize: bool = False,
+    unroll: int | bool | None = None,
 ) -> LinearOperator:
     r"""The Hessian of the mean loss over a data set, evaluated one chunk at a time.
 
@@ -600,6 +602,11 @@ def mean_hessian_operator(
         chunk_size: examples per chunk; ``None`` when ``data`` is already chunked.
         damping: added to the diagonal.
         linearize: keep every chunk's residuals for cheaper repeated products (see above).
+        unroll: the chunk scan's ``unroll`` (:func:`jax.lax.scan`). ``None`` (default) unrolls
+            it fully on CPU when there are at most 8 full chunks: XLA:CPU runs convolutions
+            inside loops many times slower than outside (jax-ml/jax#12868), and a scan is a
+            loop; elsewhere, and for more chunks (compile time grows with each unrolled
+            chunk), ``1``.
 
     Returns:
         A :class:`LinearOperator` on pytrees shaped like ``params``; its data arguments are
@@ -633,7 +640,12 @@ def mean_hessian_operator(
         )
     _validate_f_params(loss_fn, params, first, *args, name="loss_fn")
     validation.check_nonnegative(damping, "damping")
-    kernel = _MeanHessianKernel(loss_fn, chunk_size, bool(linearize))
+    if unroll is None:
+        leaves = jax.tree_util.tree_leaves(data)
+        n = leaves[0].shape[0]
+        num_full = n if chunk_size is None else n // chunk_size
+        unroll = True if jax.default_backend() == "cpu" and num_full <= 8 else 1
+    kernel = _MeanHessianKernel(loss_fn, chunk_size, bool(linearize), unroll)
     return LinearOperator(Partial(kernel, params=params, args=(data, *args)), params, shift=damping)
 
 

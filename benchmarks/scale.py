@@ -394,8 +394,11 @@ def lenet_solves(
     """The LeNet operator's eigsh rows, each capped by products and by the time left."""
     rows, ref = [], {}
     deadline = time.perf_counter() + budget_s
-    jobs = [(name, w, k, True) for name, (w, k) in PROBLEMS.items()]
+    # BE(6) last: when the time budget runs short it is the one the issue can best spare (its
+    # two ends are the LA and SA rows).
+    jobs = [(name, w, k, True) for name, (w, k) in PROBLEMS.items() if name != "BE(6)"]
     jobs += [(name, w, k, False) for name, (w, k) in VALUES_ONLY.items()]
+    jobs += [("BE(6)", *PROBLEMS["BE(6)"], True)]
     if only is not None:
         jobs = [j for j in jobs if (j[0], j[3]) in only]
     for name, which, k, vectors in jobs:
@@ -413,8 +416,9 @@ def lenet_solves(
         # max(2k + 1, 20) for LA, 40 for SA and BE); below that the solve is skipped.
         least = max(2 * k + 1, 20 if which == "LA" else 40) if vectors else 2 * k + 1
         left = deadline - time.perf_counter()
-        fits = int(left / per_product_s) if per_product_s > 0 else caps[name]
-        cap = min(caps[name], fits)
+        cap_key = name if vectors else f"{name} values"
+        fits = int(left / per_product_s) if per_product_s > 0 else caps[cap_key]
+        cap = min(caps[cap_key], fits)
         if cap < least:
             row["note"] = (
                 f"skipped: {least} products at {per_product_s:.1f} s each do not fit in the "
@@ -497,16 +501,16 @@ def formulas(krylov_dim: int, k: int, num_iters: int, num_probes: int, chunk: in
     }
 
 
-def compiled_temp_bytes(fn: Callable, *args: Any) -> int | None:
-    """XLA's temporary buffer bytes of ``jit(fn)(*args)`` (no run: lower and compile only)."""
+def compiled_temp_bytes(fn: Callable, *args: Any) -> tuple[int | None, float]:
+    """XLA's temporary bytes of ``jit(fn)(*args)`` (lowered and compiled, not run), and seconds."""
+    t0 = time.perf_counter()
     try:
         stats = jax.jit(fn).lower(*args).compile().memory_analysis()
     except Exception as err:  # noqa: BLE001  (a backend without the analysis)
         print(f"    memory_analysis failed: {err}", flush=True)
-        return None
-    if stats is None:
-        return None
-    return int(stats.temp_size_in_bytes)
+        stats = None
+    seconds = time.perf_counter() - t0
+    return (None if stats is None else int(stats.temp_size_in_bytes)), seconds
 
 
 def sweep_size(
@@ -583,9 +587,10 @@ def sweep_size(
     }
     memory_rows = {}
     for name, fn in cases.items():
-        temp = None if fn is None else compiled_temp_bytes(fn, params, data, v)
+        temp, compile_s = (None, 0.0) if fn is None else compiled_temp_bytes(fn, params, data, v)
         memory_rows[name] = {
             "temp_bytes": temp,
+            "compile_s": compile_s,
             "vectors_held": None if temp is None else temp / vec,
             "formula_vectors": expect.get(name),
         }
@@ -607,9 +612,10 @@ def sweep_size(
         kwargs, _ = eigsh_kwargs(
             krylov_dim=time_products, max_matvecs=time_products, tol=1e-12, verify=False
         )
+        # From 1e6 parameters a call takes seconds: time the first one, less its compilation.
         res, wall, compile_s = timed_call(
             lambda loop=loop, kwargs=kwargs: solve(op, key, k, "LA", loop=loop, **kwargs),
-            repeats,
+            repeats if dim < 1_000_000 else 0,
         )
         n = max(int(res.num_matvecs), 1)
         timing[f"loop={loop}"] = {
@@ -657,8 +663,11 @@ def to_markdown(out: dict) -> str:
     lines = [
         f"# hesskit at scale ({meta['backend']}, {meta['device']})",
         "",
-        f"jax {meta['jax']}, {meta['date']}, {meta['cpus']} CPUs, quick={meta['quick']}. "
-        "Ratios are to a bare jitted HVP of the same model measured in the same run.",
+        f"jax {meta['jax']}, {meta['date']}, {meta['cpus']} CPUs, quick={meta['quick']}, "
+        f"{meta.get('total_s', 0) / 60:.0f} min. Ratios are to a bare jitted HVP of the same "
+        "model measured in the same run.",
+        "",
+        f"Command: `python benchmarks/scale.py {' '.join(meta.get('argv', []))}`",
         "",
         "## Summary: a product inside the solvers against a bare jitted HVP",
         "",
@@ -823,12 +832,12 @@ def main(argv=None) -> dict:
         # Compilation is nearly all of the time here (each solver configuration compiles once,
         # whatever the size), so quick runs one configuration of each kind: a tiny LeNet for
         # parts 1 and 2 (no training, equal chunks), two of its solves, one sweep size.
-        product_models = [("mlp", 64, 5)]
+        product_models = []
         solver_loops = loop_modes()[:1]
         repeats, loop_n, eig_budget = 1, 3, 24
         lenet_module = LeNet(channels=(2, 4), hidden=16)
         lenet_n, chunk, steps = 40, 20, 0
-        caps = {"LA(10)": 30, "SA(3)": 40, "BE(6)": 40}
+        caps = {"LA(10)": 30, "SA(3)": 40, "BE(6)": 40, "LA(10) values": 30, "SA(3) values": 40}
         only = {("LA(10)", True), ("SA(3)", False)}
         budget_s = 600.0
         sizes = [2_000]
@@ -838,7 +847,7 @@ def main(argv=None) -> dict:
             "num_probes": 30,
             "time_products": 8,
             "num_loops": 1,
-            "slq_runs": (1,),
+            "slq_runs": (),
             "values_only": False,
         }
         lenet_loop_n = 2
@@ -846,9 +855,11 @@ def main(argv=None) -> dict:
         product_models = [("mlp-large", 512, 300), ("cnn", 512, 300)]
         repeats, loop_n, eig_budget = 10, 20, 40
         lenet_module = LeNet()
-        lenet_n, chunk, steps = None, 512, 30
-        caps = {"LA(10)": 80, "SA(3)": 80, "BE(6)": 80}
-        budget_s = 900.0
+        # Chunks of 64: on XLA CPU the chunk size changes the chunked product's cost tenfold
+        # (LeNet, 256 digits: chunks of 64 cost 0.8x one unchunked HVP, of 16 or 128 4-25x).
+        lenet_n, chunk, steps = None, 64, 30
+        caps = {"LA(10)": 60, "SA(3)": 50, "BE(6)": 50, "LA(10) values": 40, "SA(3) values": 40}
+        budget_s = 1000.0
         sizes = [10_000, 100_000, 1_000_000, 10_000_000]
         sweep_cfg = {"krylov_dim": 20, "num_iters": 30, "num_probes": 99, "time_products": 10}
         only = None
@@ -866,13 +877,14 @@ def main(argv=None) -> dict:
         sizes = [int(float(s)) for s in args.sizes.split(",")]
 
     out: dict[str, Any] = {"products": [], "lenet": {}, "sweep": []}
-    sections: dict[str, float] = {}
-    clock = time.perf_counter()
+    sections: dict[str, dict[str, float]] = {}
+    clock = (time.perf_counter(), time.process_time())
 
     def lap(name: str) -> None:
+        # CPU seconds next to wall seconds: on a shared machine the wall clock alone misleads.
         nonlocal clock
-        now = time.perf_counter()
-        sections[name] = now - clock
+        now = (time.perf_counter(), time.process_time())
+        sections[name] = {"wall_s": now[0] - clock[0], "cpu_s": now[1] - clock[1]}
         clock = now
 
     # The LeNet point and operator come first: part 1 needs them too.
@@ -916,7 +928,6 @@ def main(argv=None) -> dict:
         loop_repeats=0,
         eigsh_budget=0,
         solver_loops=[],
-        loops=not args.quick,
     )
     out["products"].append(lenet_costs)
     lap("product cost (lenet)")
@@ -928,10 +939,7 @@ def main(argv=None) -> dict:
             f"LeNet solves (bare HVP {bare:.2f} s, operator product {per_product:.2f} s)",
             flush=True,
         )
-        caps_all = {**caps, **{n: caps[n] for n in VALUES_ONLY}}
-        rows = lenet_solves(
-            op, caps=caps_all, budget_s=budget_s, per_product_s=per_product, only=only
-        )
+        rows = lenet_solves(op, caps=caps, budget_s=budget_s, per_product_s=per_product, only=only)
         out["lenet"] = {
             "params": dim,
             "examples": int(data.x.shape[0]),

@@ -26,7 +26,7 @@ def test_scale_benchmark_quick(tmp_path):
 
     # Part 1: every product cost is a positive time with finite ratios; the bare HVP is the unit.
     models = [r["model"] for r in saved["products"]]
-    assert models[-1] == "lenet" and len(models) >= 2
+    assert models[-1] == "lenet"
     for res in saved["products"]:
         rows = res["rows"]
         assert rows["bare HVP (jit, whole batch)"]["ratio_to_bare_hvp"] == 1.0

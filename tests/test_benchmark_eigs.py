@@ -17,10 +17,14 @@ def test_eigs_benchmark_quick(tmp_path):
     saved = json.loads((tmp_path / f"eigs-{out['meta']['backend']}-quick.json").read_text())
     rows = saved["results"][0]["rows"]
     tools = {"hesskit.eigsh", "hesskit.eigsh verify=False", "scipy eigsh (jit HVP)"}
-    assert {r["tool"] for r in rows} == tools
+    eager = {"hesskit.eigsh eager (loop=auto)", "hesskit.eigsh values only"}
+    assert {r["tool"] for r in rows} == tools | eager | {"hesskit.eigsh basis bf16"}
     for r in rows:
         assert r["hvps"] > 0 and r["median_s"] > 0
-        if r["tool"].startswith("hesskit.eigsh"):
+        if r["tool"] == "hesskit.eigsh basis bf16":
+            # tol=1e-5 is below a bfloat16 basis's reach: the run says so instead of spinning.
+            assert r["status"] == 3 and r["max_rel_err"] < 2e-2
+        elif r["tool"].startswith("hesskit.eigsh"):
             assert r["converged"] == r["k"]
             assert r["max_rel_err"] < 1e-3
     sweep = saved["results"][0]["sweep"]

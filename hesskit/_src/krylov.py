@@ -60,6 +60,7 @@ __all__ = [
     "ritz_pairs",
     "rotate_rows",
     "to_krylov",
+    "unflatten_rows",
 ]
 
 
@@ -191,17 +192,32 @@ def orthogonalize(
         passes, which form the new column of ``Q^T A Q`` when ``w = A q``.
     """
     rows = _rows(basis, num_rows)
-    h1 = _masked(tree_rmatvec(rows, w), filled)
-    w = tree_sub(w, tree_matvec(rows, h1))
-    h2 = _masked(tree_rmatvec(rows, w), filled)
-    w = tree_sub(w, tree_matvec(rows, h2))
-    return w, h1 + h2
+    # Stacks may hold each row flattened (the solvers' stacks do: see init_state) or shaped
+    # like the vector; the reshapes are free either way.
+    flat = jax.tree_util.tree_map(lambda b, a: a.reshape(b.shape[1:]), rows, w)
+    h = None
+    for _ in range(2):
+        c = _masked(tree_rmatvec(rows, flat), filled)
+        flat = tree_sub(flat, tree_matvec(rows, c))
+        h = c if h is None else h + c
+    return jax.tree_util.tree_map(lambda f, a: f.reshape(a.shape), flat, w), h
 
 
-def random_orthogonal(key: jax.Array, basis: PyTree, *, filled: jax.Array | None = None) -> PyTree:
-    """A random unit vector orthogonal to the (first ``filled``) rows of ``basis``."""
+def random_orthogonal(
+    key: jax.Array,
+    basis: PyTree,
+    *,
+    filled: jax.Array | None = None,
+    like: PyTree | None = None,
+) -> PyTree:
+    """A random unit vector orthogonal to the first ``filled`` rows of ``basis``.
+
+    ``like`` gives the vector's leaf shapes when the stack holds flattened rows.
+    """
+    if like is None:
+        like = jax.tree_util.tree_map(lambda b: jax.ShapeDtypeStruct(b.shape[1:], b.dtype), basis)
     like = jax.tree_util.tree_map(
-        lambda b: jax.ShapeDtypeStruct(b.shape[1:], _krylov_leaf_dtype(b.dtype)), basis
+        lambda s: jax.ShapeDtypeStruct(jnp.shape(s), _krylov_leaf_dtype(jnp.result_type(s))), like
     )
     fresh = tree_random_sphere(key, like)
     fresh, _ = orthogonalize(basis, fresh, filled=filled)
@@ -209,7 +225,16 @@ def random_orthogonal(key: jax.Array, basis: PyTree, *, filled: jax.Array | None
 
 
 def _set_row(stack: PyTree, j: Any, x: PyTree) -> PyTree:
-    return jax.tree_util.tree_map(lambda b, v: b.at[j].set(v.astype(b.dtype)), stack, x)
+    return jax.tree_util.tree_map(
+        lambda b, v: b.at[j].set(v.reshape(b.shape[1:]).astype(b.dtype)), stack, x
+    )
+
+
+def unflatten_rows(stack: PyTree, like: PyTree) -> PyTree:
+    """A stack of flattened rows (leading axes kept) reshaped to ``like``'s leaf shapes."""
+    return jax.tree_util.tree_map(
+        lambda b, s: b.reshape(b.shape[:-1] + tuple(jnp.shape(s))), stack, like
+    )
 
 
 def _rotate_leaf(leaf: jax.Array, coeffs: jax.Array, num_blocks: int) -> jax.Array:
@@ -256,7 +281,8 @@ class KrylovState(NamedTuple):
     """A Lanczos basis being filled, with its projected matrix.
 
     Attributes:
-        basis: the orthonormal rows ``Q`` (leading axis ``m``), in the storage dtype.
+        basis: the orthonormal rows ``Q`` (leading axis ``m``, each leaf's row flattened), in
+            the storage dtype.
         images: ``A Q`` row by row (for true residuals without new products), or ``None``.
         proj: ``Q^T A Q``, shape ``(m, m)``, in Krylov precision.
         q: the next direction (unit norm, orthogonal to the filled rows).
@@ -290,7 +316,8 @@ def init_state(
     dtype = krylov_dtype(q0)
 
     def stack(a):
-        return jnp.zeros((m, *a.shape), a.dtype if storage_dtype is None else storage_dtype)
+        # Rows are stored flattened: XLA's dots on rows of several dimensions copied the stacks.
+        return jnp.zeros((m, a.size), a.dtype if storage_dtype is None else storage_dtype)
 
     zeros = jax.tree_util.tree_map(stack, q0)
     return KrylovState(
@@ -329,6 +356,9 @@ def lanczos_step(
     m = st.proj.shape[0]
     dtype = st.proj.dtype
     eps = jnp.finfo(dtype).eps
+    # Write row j first, then read: XLA then updates the stacks in place (reading a stack
+    # before writing it made XLA copy it, and so did dots on rows of several dimensions,
+    # which is why the rows are stored flattened; both measured with memory_analysis).
     basis = _set_row(st.basis, j, st.q)
     images = None if st.images is None else _set_row(st.images, j, w)
     w, h = orthogonalize(basis, w, filled=j + 1)
@@ -342,7 +372,7 @@ def lanczos_step(
     if restart_on_breakdown:
         q_next = jax.lax.cond(
             breakdown,
-            lambda _: random_orthogonal(sub, basis, filled=j + 1),
+            lambda _: random_orthogonal(sub, basis, filled=j + 1, like=st.q),
             lambda _: w,
             None,
         )
@@ -384,8 +414,8 @@ def ritz_pairs(
     residual over the gap; it is taken as ``theta + y^T (A y - theta y) / y^T y`` so the small
     correction, not the whole quotient, carries the rounding. No products are spent.
     """
-    vectors = to_krylov(tree_matvec(st.basis, coeffs))
-    images = to_krylov(tree_matvec(st.images, coeffs))
+    vectors = unflatten_rows(to_krylov(tree_matvec(st.basis, coeffs)), st.q)
+    images = unflatten_rows(to_krylov(tree_matvec(st.images, coeffs)), st.q)
 
     def refine(a, v, lam):
         r = tree_sub(a, jax.tree_util.tree_map(lambda x: (lam * x).astype(x.dtype), v))

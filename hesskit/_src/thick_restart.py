@@ -329,7 +329,7 @@ def _begin_cycle(run: _Run, cfg: _Config, tol: jax.Array) -> _Run:
     key, sub = jax.random.split(kry.key)
     start = jax.lax.cond(
         verify_now,
-        lambda _: krylov.random_orthogonal(sub, basis, filled=cfg.keep),
+        lambda _: krylov.random_orthogonal(sub, basis, filled=cfg.keep, like=kry.q),
         lambda _: kry.q,
         None,
     )

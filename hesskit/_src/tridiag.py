@@ -125,7 +125,7 @@ def _result(c: _Carry) -> LanczosResult:
     return LanczosResult(
         alphas=c.alphas,
         betas=c.betas[: m - 1],
-        basis=c.kry.basis,
+        basis=krylov.unflatten_rows(c.kry.basis, c.kry.q),
         beta_last=c.betas[m - 1],
         num_steps=c.num_steps,
         ok=c.kry.ok,

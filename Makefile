@@ -23,10 +23,15 @@ $(STAMP_DEMO): pyproject.toml | $(PY)
 demo: $(STAMP_DEMO)
 	$(PY) -m hesskit report $(ARGS)
 
+# The suite runs in three processes: one process compiling every test's programs (several
+# hundred XLA:CPU executables) crashed twice inside XLA's compiler late in the run, while each
+# part passes on its own.
+TEST_PARTS := "tests/test_[a-k]*.py" "tests/test_[l-r]*.py" "tests/test_[s-z]*.py hesskit"
+
 test: $(STAMP_TEST)
 	$(PY) -m ruff check hesskit tests benchmarks
 	$(PY) -m ruff format --check hesskit tests benchmarks
-	$(PY) -m pytest -q
+	for part in $(TEST_PARTS); do $(PY) -m pytest -q $$part || exit 1; done
 
 test-fast: $(STAMP_TEST)
 	$(PY) -m pytest -q -m "not slow" -x

@@ -231,10 +231,8 @@ def _set_row(stack: PyTree, j: Any, x: PyTree) -> PyTree:
 
 
 def unflatten_rows(stack: PyTree, like: PyTree) -> PyTree:
-    """A stack of flattened rows (leading axes kept) reshaped to ``like``'s leaf shapes."""
-    return jax.tree_util.tree_map(
-        lambda b, s: b.reshape(b.shape[:-1] + tuple(jnp.shape(s))), stack, like
-    )
+    """A stack of rows (leading axis kept) reshaped to ``like``'s leaf shapes (free if equal)."""
+    return jax.tree_util.tree_map(lambda b, s: b.reshape((b.shape[0], *jnp.shape(s))), stack, like)
 
 
 def _rotate_leaf(leaf: jax.Array, coeffs: jax.Array, num_blocks: int) -> jax.Array:
@@ -281,8 +279,7 @@ class KrylovState(NamedTuple):
     """A Lanczos basis being filled, with its projected matrix.
 
     Attributes:
-        basis: the orthonormal rows ``Q`` (leading axis ``m``, each leaf's row flattened), in
-            the storage dtype.
+        basis: the orthonormal rows ``Q`` (leading axis ``m``), in the storage dtype.
         images: ``A Q`` row by row (for true residuals without new products), or ``None``.
         proj: ``Q^T A Q``, shape ``(m, m)``, in Krylov precision.
         q: the next direction (unit norm, orthogonal to the filled rows).
@@ -316,8 +313,10 @@ def init_state(
     dtype = krylov_dtype(q0)
 
     def stack(a):
-        # Rows are stored flattened: XLA's dots on rows of several dimensions copied the stacks.
-        return jnp.zeros((m, a.size), a.dtype if storage_dtype is None else storage_dtype)
+        # Rows keep their leaf's shape, so the stacks keep the parameters' sharding on their
+        # non-leading axes. (Flattened rows avoided a copy of the stacks XLA:CPU makes per step
+        # for leaves of several dimensions, but lost the sharding: tests/test_sharding.py.)
+        return jnp.zeros((m, *a.shape), a.dtype if storage_dtype is None else storage_dtype)
 
     zeros = jax.tree_util.tree_map(stack, q0)
     return KrylovState(
@@ -357,8 +356,7 @@ def lanczos_step(
     dtype = st.proj.dtype
     eps = jnp.finfo(dtype).eps
     # Write row j first, then read: XLA then updates the stacks in place (reading a stack
-    # before writing it made XLA copy it, and so did dots on rows of several dimensions,
-    # which is why the rows are stored flattened; both measured with memory_analysis).
+    # before writing it made XLA copy it, measured with memory_analysis).
     basis = _set_row(st.basis, j, st.q)
     images = None if st.images is None else _set_row(st.images, j, w)
     w, h = orthogonalize(basis, w, filled=j + 1)

@@ -553,7 +553,7 @@ def mean_hessian_operator(
     chunk_size: int | None = None,
     damping: Any = 0.0,
     linearize: bool = False,
-    unroll: int | bool | None = None,
+    unroll: int | bool = 1,
 ) -> LinearOperator:
     r"""The Hessian of the mean loss over a data set, evaluated one chunk at a time.
 
@@ -602,11 +602,11 @@ def mean_hessian_operator(
         chunk_size: examples per chunk; ``None`` when ``data`` is already chunked.
         damping: added to the diagonal.
         linearize: keep every chunk's residuals for cheaper repeated products (see above).
-        unroll: the chunk scan's ``unroll`` (:func:`jax.lax.scan`). ``None`` (default) unrolls
-            it fully on CPU when there are at most 8 full chunks: XLA:CPU runs convolutions
-            inside loops many times slower than outside (jax-ml/jax#12868), and a scan is a
-            loop; elsewhere, and for more chunks (compile time grows with each unrolled
-            chunk), ``1``.
+        unroll: the chunk scan's ``unroll`` (:func:`jax.lax.scan`); compile time grows with
+            each unrolled chunk. Measured on the 3.3M-parameter LeNet over 1,797 digits in
+            chunks of 600 (CPU): 14.6 s per product fully unrolled, 13.9 s rolled, so the
+            default is ``1``. What matters there is the chunk size: chunks of 64 cost 8.3x an
+            unchunked HVP, chunks of 600 1.1x.
 
     Returns:
         A :class:`LinearOperator` on pytrees shaped like ``params``; its data arguments are
@@ -640,11 +640,6 @@ def mean_hessian_operator(
         )
     _validate_f_params(loss_fn, params, first, *args, name="loss_fn")
     validation.check_nonnegative(damping, "damping")
-    if unroll is None:
-        leaves = jax.tree_util.tree_leaves(data)
-        n = leaves[0].shape[0]
-        num_full = n if chunk_size is None else n // chunk_size
-        unroll = True if jax.default_backend() == "cpu" and num_full <= 8 else 1
     kernel = _MeanHessianKernel(loss_fn, chunk_size, bool(linearize), unroll)
     return LinearOperator(Partial(kernel, params=params, args=(data, *args)), params, shift=damping)
 

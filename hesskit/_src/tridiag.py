@@ -132,7 +132,8 @@ def _result(c: _Carry) -> LanczosResult:
     )
 
 
-@jax.jit(static_argnums=3)
+# functools.partial, not jax.jit(static_argnums=...): the decorator-factory form needs jax >= 0.8.1.
+@functools.partial(jax.jit, static_argnums=3)
 def _lanczos(op: LinearOperator, key: jax.Array, v0: PyTree | None, m: int) -> LanczosResult:
     apply = krylov.product(op.linearize())
     out = jax.lax.fori_loop(0, m, lambda j, c: _step(apply, j, c), _start(op, key, v0, m))

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP_TEST := $(VENV)/.stamp-test
 STAMP_DEMO := $(VENV)/.stamp-demo
 
-.PHONY: demo test test-fast lint format bench bench-quick clean
+.PHONY: demo test test-fast check-wheel lint format bench bench-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ test: $(STAMP_TEST)
 	done; status=0; i=0; \
 	for pid in $$pids; do i=$$((i+1)); wait $$pid || status=1; \
 	  echo "== test part $$i"; cat .test-logs/part$$i.log; done; exit $$status
+
+# Build the sdist and wheel, install the wheel alone outside the repository, run eigsh from it.
+check-wheel: $(STAMP_TEST)
+	$(PY) tests/wheel_check.py
 
 test-fast: $(STAMP_TEST)
 	$(PY) -m pytest -q -m "not slow" -x

@@ -67,7 +67,31 @@ from hesskit._src.tree import tree_zeros_like as tree_zeros_like
 from hesskit._src.tridiag import LanczosResult as LanczosResult
 from hesskit._src.tridiag import lanczos as lanczos
 
+# The package's one version string: pyproject.toml reads it from here (hatch's version source).
 __version__ = "0.1.0"
+
+# Submodules as attributes. transforms and diagnostics only re-export what is imported above;
+# examples (flax.linen) and plots (matplotlib, an optional extra) load on first access (PEP 562),
+# so `import hesskit` imports neither.
+from hesskit import diagnostics as diagnostics  # noqa: E402
+from hesskit import transforms as transforms  # noqa: E402
+
+_LAZY_SUBMODULES = ("examples", "plots")
+
+
+def __getattr__(name: str):
+    """Import ``hesskit.examples`` and ``hesskit.plots`` on first attribute access."""
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"hesskit.{name}")
+    msg = f"module 'hesskit' has no attribute {name!r}"
+    raise AttributeError(msg)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
+
 
 # Names are grouped by the issue/module that adds them; keep each group sorted.
 __all__ = [

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from hesskit import __version__
 from hesskit._src.compare import compare_spectra
 from hesskit._src.critical import classify
 from hesskit._src.directional import eigen_directional_losses
@@ -55,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hesskit", description="Curvature tools for JAX loss functions."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     rep = sub.add_parser(
         "report",

@@ -26,7 +26,11 @@ demo: $(STAMP_DEMO)
 # The suite runs in three processes: one process compiling every test's programs (several
 # hundred XLA:CPU executables) crashed twice inside XLA's compiler late in the run, while each
 # part passes on its own.
-TEST_PARTS := "tests/test_[a-k]*.py" "tests/test_[l-r]*.py" "tests/test_[s-z]*.py hesskit"
+# A part may start with environment assignments (NAME=value). The fourth part runs a fast subset
+# with x64 off, jax's default and most users' setting (tests/conftest.py skips float64 cases).
+X64_OFF_TESTS := tests/test_tree.py tests/test_operators.py
+TEST_PARTS := "tests/test_[a-k]*.py" "tests/test_[l-r]*.py" "tests/test_[s-z]*.py hesskit" \
+	"HESSKIT_TEST_X64=0 -mnot(slow) $(X64_OFF_TESTS)"
 
 # The parts run side by side: the suite is dominated by single-threaded XLA compiles, so on two
 # cores they finish in about the time of the longest part. Each part's log is printed whole.
@@ -34,8 +38,10 @@ test: $(STAMP_TEST)
 	$(PY) -m ruff check hesskit tests benchmarks
 	$(PY) -m ruff format --check hesskit tests benchmarks
 	@mkdir -p .test-logs; i=0; pids=""; \
-	for part in $(TEST_PARTS); do i=$$((i+1)); \
-	  $(PY) -m pytest -q -p no:cacheprovider $$part > .test-logs/part$$i.log 2>&1 & pids="$$pids $$!"; \
+	for part in $(TEST_PARTS); do i=$$((i+1)); set -- $$part; envs=""; \
+	  while case "$${1-}" in [A-Z]*=*) true;; *) false;; esac; do envs="$$envs $$1"; shift; done; \
+	  env $$envs $(PY) -m pytest -q -p no:cacheprovider "$$@" > .test-logs/part$$i.log 2>&1 & \
+	  pids="$$pids $$!"; \
 	done; status=0; i=0; \
 	for pid in $$pids; do i=$$((i+1)); wait $$pid || status=1; \
 	  echo "== test part $$i"; cat .test-logs/part$$i.log; done; exit $$status

@@ -8,6 +8,11 @@ import numpy as np
 
 import hesskit as hk
 
+# The widest float dtype of the current x64 setting (the suite also runs with x64 off, see
+# conftest.py): tests whose point is not float64 itself use it for their reference problems.
+WIDE = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
+WIDE_NAME = jnp.dtype(WIDE).name
+
 
 def random_orthogonal(n: int, seed: int = 0) -> np.ndarray:
     """A Haar-random orthogonal matrix (float64, NumPy)."""

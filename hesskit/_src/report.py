@@ -3,7 +3,7 @@
 ``python -m hesskit report`` (or the ``hesskit report`` console script) trains each chosen model
 with minibatch RMSProp on a subset of scikit-learn's digits, measures the Hessian of the
 full-subset loss at several checkpoints, and writes a folder with the figures, a JSON file of
-every number, and a markdown summary.
+every number, a markdown summary and the same summary as one self-contained HTML page.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from hesskit._src.compare import compare_spectra
 from hesskit._src.critical import classify
 from hesskit._src.directional import eigen_directional_losses
 from hesskit._src.operators import hvp, mean_hessian_operator
+from hesskit._src.report_html import write_html
 from hesskit._src.slq import spectral_density
 from hesskit._src.stochastic import trace
 from hesskit._src.thick_restart import EigResult
@@ -664,6 +665,7 @@ def run_report(args: argparse.Namespace, log: Callable[[str], None] | None = Non
     with open(os.path.join(args.out, "report.json"), "w") as fh:
         json.dump(_jsonable(report), fh, indent=1, allow_nan=False)
     write_markdown(report, os.path.join(args.out, "report.md"))
+    write_html(report, os.path.join(args.out, "report.html"))
     log(f"done in {report['seconds']:.1f} s; see {os.path.join(args.out, 'report.md')}")
     return report
 

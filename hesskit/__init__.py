@@ -4,6 +4,7 @@ Hessian-vector products, extreme eigenpairs, traces, diagonals and spectral dens
 Hessians on pytrees, and optax transforms that use curvature.
 """
 
+from hesskit._src.adahessian import adahessian as adahessian
 from hesskit._src.compare import SpectrumComparison as SpectrumComparison
 from hesskit._src.compare import compare_spectra as compare_spectra
 from hesskit._src.critical import CriticalPointReport as CriticalPointReport
@@ -24,6 +25,8 @@ from hesskit._src.krylov import Status as Status
 from hesskit._src.linsolve import SolveResult as SolveResult
 from hesskit._src.linsolve import solve as solve
 from hesskit._src.memory import InsufficientMemoryError as InsufficientMemoryError
+from hesskit._src.newton import newton_cg as newton_cg
+from hesskit._src.newton import saddle_free_newton as saddle_free_newton
 from hesskit._src.operators import LinearOperator as LinearOperator
 from hesskit._src.operators import fd_hvp as fd_hvp
 from hesskit._src.operators import ggn_operator as ggn_operator
@@ -39,6 +42,7 @@ from hesskit._src.saddle_transforms import monitor_curvature as monitor_curvatur
 from hesskit._src.saddle_transforms import negative_curvature as negative_curvature
 from hesskit._src.saddle_transforms import noisy_sgd as noisy_sgd
 from hesskit._src.saddle_transforms import perturb_near_saddle as perturb_near_saddle
+from hesskit._src.saddle_transforms import scale_by_sharpness as scale_by_sharpness
 from hesskit._src.slq import Density as Density
 from hesskit._src.slq import spectral_density as spectral_density
 from hesskit._src.stochastic import Estimate as Estimate
@@ -143,6 +147,11 @@ __all__ = [
     "negative_curvature",
     "noisy_sgd",
     "perturb_near_saddle",
+    # curvature optimizers (issue 14)
+    "adahessian",
+    "newton_cg",
+    "saddle_free_newton",
+    "scale_by_sharpness",
     # diagnostics
     "CriticalPointReport",
     "DirectionalLoss",

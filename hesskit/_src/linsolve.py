@@ -59,6 +59,9 @@ class SolveResult(NamedTuple):
             0``), ``3`` NaN/Inf met, ``4`` stagnated at the rounding floor (a restart from the
             true residual did not halve it), ``5`` singular inconsistent system (MINRES). Also
             named as constants in ``hesskit._src.linsolve`` (``CONVERGED``, ``MAX_ITERS``, ...).
+        direction: CG's last search direction :math:`p` (at ``status=2`` the direction with
+            :math:`p^\top A p \le 0` that stopped it, which truncated-Newton methods use as a
+            negative-curvature step); MINRES's last Lanczos vector. Shaped like ``b``.
     """
 
     x: PyTree
@@ -66,6 +69,7 @@ class SolveResult(NamedTuple):
     num_iters: jax.Array
     converged: jax.Array
     status: jax.Array
+    direction: PyTree
 
 
 def solve(
@@ -75,8 +79,9 @@ def solve(
     method: str = "cg",
     tol: float = 1e-6,
     max_iters: int | None = None,
+    x0: PyTree | None = None,
 ) -> SolveResult:
-    r"""Solve :math:`(A + \delta I)\, x = b` by CG or MINRES, with products only, from zero.
+    r"""Solve :math:`(A + \delta I)\, x = b` by CG or MINRES, with products only.
 
     The damping :math:`\delta` is the operator's ``shift`` (e.g. ``hessian_operator(...,
     damping=delta)``). ``"cg"`` is the conjugate gradient method (Hestenes and Stiefel 1952)
@@ -107,6 +112,10 @@ def solve(
         max_iters: the budget of products in the loop, ``>= 1``; default
             ``min(10 * dim, 1000)`` (exact arithmetic needs at most ``dim``; the slack covers
             rounding, the cap keeps a network-sized default bounded).
+        x0: an optional start, shaped like ``b`` (default zero). The solve then starts from
+            the residual ``b - A x0`` (one more product, counted in ``num_iters``); a warm
+            start from the previous solution is what truncated-Newton methods do (Martens
+            2010). On negative curvature at the first step the returned ``x`` is ``x0``.
 
     Returns:
         A :class:`SolveResult`.
@@ -136,7 +145,9 @@ def solve(
         max_iters = min(10 * op.dim, MAX_ITERS_CAP)
     max_iters = validation.check_positive_int(max_iters, "max_iters")
     validation.check_like(b, op.like, name="b", like_name="the operator's vectors")
-    return _solve(op, b, jnp.asarray(tol, op.dtype), method, max_iters)
+    if x0 is not None:
+        validation.check_like(x0, op.like, name="x0", like_name="the operator's vectors")
+    return _solve(op, b, jnp.asarray(tol, op.dtype), method, max_iters, x0)
 
 
 def _where(flag: jax.Array, x: PyTree, y: PyTree) -> PyTree:
@@ -274,14 +285,20 @@ class _Loop(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
-def _solve(op: LinearOperator, b: PyTree, tol: jax.Array, method: str, max_iters: int):
+def _solve(op: LinearOperator, b: PyTree, tol: jax.Array, method: str, max_iters: int, x0=None):
     op = op.linearize()
     start, step, direction = _METHODS[method]
     bnorm = tree_norm(b)
     tol_abs = tol * bnorm
-    x0 = jax.tree_util.tree_map(jnp.zeros_like, b)
-    status0 = jnp.where(bnorm <= tol_abs, CONVERGED, _RUNNING)
-    status0 = jnp.where(jnp.isfinite(bnorm), status0, NONFINITE)
+    if x0 is None:
+        x0 = jax.tree_util.tree_map(jnp.zeros_like, b)
+        r0, k0 = b, 0
+    else:
+        x0 = jax.tree_util.tree_map(lambda x, y: x.astype(y.dtype), x0, b)
+        r0, k0 = tree_sub(b, op(x0)), 1
+    r0norm = tree_norm(r0)
+    status0 = jnp.where(r0norm <= tol_abs, CONVERGED, _RUNNING)
+    status0 = jnp.where(jnp.isfinite(bnorm) & jnp.isfinite(r0norm), status0, NONFINITE)
 
     def cond(c: _Loop) -> jax.Array:
         return (c.status == _RUNNING) & (c.k < max_iters)
@@ -309,11 +326,11 @@ def _solve(op: LinearOperator, b: PyTree, tol: jax.Array, method: str, max_iters
         )
 
     init = _Loop(
-        state=start(x0, b, bnorm, jnp.zeros_like(bnorm)),
+        state=start(x0, r0, r0norm, jnp.zeros_like(bnorm)),
         verify=jnp.asarray(False),
-        last_true=bnorm,
+        last_true=r0norm,
         status=status0,
-        k=jnp.zeros((), jnp.int32),
+        k=jnp.full((), k0, jnp.int32),
     )
     out = jax.lax.while_loop(cond, body, init)
     x = out.state.x
@@ -325,5 +342,10 @@ def _solve(op: LinearOperator, b: PyTree, tol: jax.Array, method: str, max_iters
     status = jnp.where(converged, CONVERGED, status)
     status = jnp.where(ok, status, NONFINITE)
     return SolveResult(
-        x=x, residual_norm=residual, num_iters=out.k, converged=converged, status=status
+        x=x,
+        residual_norm=residual,
+        num_iters=out.k,
+        converged=converged,
+        status=status,
+        direction=direction(out.state),
     )

@@ -24,6 +24,7 @@ import optax
 from hesskit._src import krylov
 from hesskit._src.operators import hessian_operator
 from hesskit._src.tree import (
+    tree_axpy,
     tree_dim,
     tree_matvec,
     tree_norm,
@@ -39,12 +40,14 @@ __all__ = [
     "CurvatureMonitorState",
     "NegativeCurvatureState",
     "PerturbState",
+    "SharpnessState",
     "SphereNoiseState",
     "add_sphere_noise",
     "monitor_curvature",
     "negative_curvature",
     "noisy_sgd",
     "perturb_near_saddle",
+    "scale_by_sharpness",
 ]
 
 
@@ -222,6 +225,25 @@ def _require_value_fn(value_fn: Any, params: Any, name: str) -> None:
         raise TypeError(msg)
 
 
+def ritz_decomposition(res: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Ritz values and coefficients of a :func:`lanczos` result, with breakdown rows set apart.
+
+    Rows past an early breakdown are zero; their diagonal entries are moved above the whole
+    spectrum (``3 * span``) so that no extreme Ritz value comes from them, and ``valid`` marks
+    the Ritz pairs that belong to the Krylov space (the others have zero basis vectors).
+
+    Returns:
+        ``(theta, s, valid)``: values ascending, coefficient columns ``s[:, i]``, a mask.
+    """
+    m = res.alphas.shape[0]
+    filled = jnp.arange(m) < res.num_steps
+    span = jnp.max(jnp.abs(res.alphas)) + 2 * jnp.max(jnp.abs(res.betas), initial=0.0) + 1.0
+    alphas = jnp.where(filled, res.alphas, 0.0)
+    tri = jnp.diag(alphas) + jnp.diag(res.betas, 1) + jnp.diag(res.betas, -1)
+    theta, s = jnp.linalg.eigh(tri + jnp.diag(jnp.where(filled, 0.0, 3 * span)))
+    return theta, s, theta < 2 * span
+
+
 def _ritz_extremes(value_fn, params, key, v0, num_matvecs):
     """Smallest and largest Ritz pairs of a short Lanczos run warm-started at ``v0``.
 
@@ -236,15 +258,9 @@ def _ritz_extremes(value_fn, params, key, v0, num_matvecs):
     mix = tree_random_sphere(k_mix, krylov.krylov_like(op.like))
     v0 = jax.tree_util.tree_map(lambda a, b: a + 0.1 * b, tree_normalize(v0)[0], mix)
     res = lanczos(op, key, m, v0=krylov.cast_like(v0, op.like), loop="compiled")
-    # Rows past an early breakdown are zero; push their diagonal entries out of the way so
-    # that neither extreme Ritz value comes from them.
-    valid = jnp.arange(m) < res.num_steps
-    span = jnp.max(jnp.abs(res.alphas)) + 2 * jnp.max(jnp.abs(res.betas), initial=0.0) + 1.0
-    alphas = jnp.where(valid, res.alphas, 0.0)
-    tri = jnp.diag(alphas) + jnp.diag(res.betas, 1) + jnp.diag(res.betas, -1)
-    theta, s = jnp.linalg.eigh(tri + jnp.diag(jnp.where(valid, 0.0, 3 * span)))
+    theta, s, valid = ritz_decomposition(res)
     low = jnp.argmin(theta)
-    high = jnp.argmax(jnp.where(theta < 2 * span, theta, -jnp.inf))
+    high = jnp.argmax(jnp.where(valid, theta, -jnp.inf))
     bottom, _ = tree_normalize(tree_matvec(res.basis, s[:, low]))
     top, _ = tree_normalize(tree_matvec(res.basis, s[:, high]))
     return theta[low], bottom, theta[high], top
@@ -375,7 +391,13 @@ def negative_curvature(
 
 
 class CurvatureMonitorState(NamedTuple):
-    """State of :func:`monitor_curvature`: the latest extreme eigenvalue estimates."""
+    """State of :func:`monitor_curvature`: the latest extreme eigenvalue estimates.
+
+    ``top_vector`` and ``bottom_vector`` are the Ritz vectors of ``lambda_max`` and
+    ``lambda_min``, sign-aligned with the previous measurement's (their inner product with it is
+    non-negative), so they can be logged and compared across steps. ``start_vector`` starts the
+    next measurement; ``num_above`` counts the Ritz values above ``threshold`` (0 without one).
+    """
 
     count: jax.Array
     rng_key: jax.Array
@@ -383,34 +405,107 @@ class CurvatureMonitorState(NamedTuple):
     lambda_min: jax.Array
     top_vector: PyTree
     bottom_vector: PyTree
+    start_vector: PyTree
+    num_above: jax.Array
+    num_matvecs: jax.Array
+
+
+def _aligned(v: PyTree, ref: PyTree) -> PyTree:
+    sign = jnp.where(tree_vdot(v, ref) < 0, -1.0, 1.0)
+    return jax.tree_util.tree_map(lambda a: (sign * a).astype(a.dtype), v)
+
+
+def _measure(value_fn, params, key, state, m, num_tracked, threshold, mix):
+    """One warm-started Lanczos run of ``m`` products: both ends and the next start vector."""
+    op = hessian_operator(value_fn, params)
+    m = min(m, op.dim)
+    k_mix, key = jax.random.split(key)
+    noise = tree_random_sphere(k_mix, krylov.krylov_like(op.like))
+    v0 = tree_axpy(mix, noise, tree_normalize(state.start_vector)[0])
+    res = lanczos(op, key, m, v0=krylov.cast_like(v0, op.like), loop="compiled")
+    theta, s, valid = ritz_decomposition(res)
+    high = jnp.argmax(jnp.where(valid, theta, -jnp.inf))
+    idx = jnp.arange(m)
+    # The next start is the sum of the Ritz vectors worth following: the top one, the
+    # num_tracked lowest (so that when two bottom eigenvalues cross, the new lowest one is
+    # already in the space) and those above the threshold. Their images under the next
+    # Hessian are not known, so they travel as one vector: the Krylov space it starts holds
+    # each of them to first order in the parameter change.
+    keep = valid & ((idx < num_tracked) | (idx == high))
+    above = valid & (theta > threshold) if threshold is not None else jnp.zeros(m, bool)
+    weights = jnp.where(keep | above, 1.0, 0.0).astype(s.dtype)
+    start = tree_normalize(tree_matvec(res.basis, s @ weights))[0]
+    bottom = _aligned(tree_normalize(tree_matvec(res.basis, s[:, 0]))[0], state.bottom_vector)
+    top = _aligned(tree_normalize(tree_matvec(res.basis, s[:, high]))[0], state.top_vector)
+    return (
+        theta[high].astype(jnp.float32),
+        theta[0].astype(jnp.float32),
+        top,
+        bottom,
+        start,
+        jnp.sum(above).astype(jnp.int32),
+    )
 
 
 def monitor_curvature(
-    every: int, *, num_matvecs: int = 10, seed: Any = 0
+    every: int,
+    *,
+    num_matvecs: int = 40,
+    num_tracked: int = 3,
+    threshold: Any = None,
+    seed: Any = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Pass updates through; keep warm-started estimates of the extreme eigenvalues.
 
-    Every ``every`` steps one Lanczos run of ``num_matvecs`` Hessian-vector products, started
-    from the sum of the previous top and bottom Ritz vectors (they change slowly during
-    training), gives both extreme Ritz values. A jitted training loop can read them from the state
-    (``optax.tree_utils.tree_get(state, "lambda_max")``) and compare the sharpness with
-    ``2 / learning_rate`` (the edge of stability) without leaving the device. Ritz values lie
+    Every ``every`` steps one Lanczos run of ``num_matvecs`` Hessian-vector products
+    (:func:`hesskit.lanczos`, compiled loop) gives both extreme Ritz pairs. It starts from the
+    sum of the previous run's top Ritz vector and its ``num_tracked`` lowest ones (plus a 1%
+    random admixture that keeps the space from closing on an exact eigenvector): the extreme
+    eigenvectors change slowly during training, so each run refines the last one's, and
+    tracking a few bottom vectors follows the lowest eigenvalue through crossings. The first
+    run has no history and spends ``2 * num_matvecs`` products instead. Ritz values lie
     inside the spectrum, so ``lambda_max`` is a lower bound of the true one and ``lambda_min``
-    an upper bound, both tightening as the warm start accumulates.
+    an upper bound.
+
+    Cost: ``num_matvecs / every`` products per step plus the one-off ``num_matvecs`` of the
+    first run: 2 per step with
+    ``every=20`` and the default 40 products. Few long runs beat many short ones (Lanczos
+    converges superlinearly in its length). On a 64-16-10 tanh MLP (1,210 parameters, 128
+    digits) under SGD with momentum, whose lowest eigenvalue falls from -0.63 to -0.045 in 40
+    steps, ``every=20, num_matvecs=40`` is within 1e-6 of a fresh converged :func:`hesskit.eigsh`
+    at both ends at every measurement (``tests/test_newton.py``), ``every=10, num_matvecs=20``
+    misses ``lambda_min`` by 4.5% at step 40. On the digits MLP (2,410 parameters, 256 digits),
+    whose bottom end is a cluster of four eigenvalues within 7% at step 20, ``every=10,
+    num_matvecs=20`` misses it by up to 7% and ``every=5, num_matvecs=10`` by up to 80%, while
+    ``lambda_max`` is within 1e-6 in every setting. Between measurements the state holds the last
+    one: log the steps where ``count % every == 1`` after the update.
+
+    A jitted training loop can read the estimates from the state
+    (``optax.tree_utils.tree_get(state, "lambda_max")``) and compare the sharpness with
+    ``2 / learning_rate`` (the edge of stability) without leaving the device; with
+    ``threshold=2 / lr``, ``num_above`` counts the Ritz values above it, a lower bound on the
+    number of eigenvalues above it (Cauchy interlacing), and their Ritz vectors join the next
+    start so that they are refined too. :func:`scale_by_sharpness` turns the estimate into a
+    learning rate.
 
     Args:
         every: measure every this many steps (``>= 1``); in between the state is carried.
         num_matvecs: Hessian-vector products per measurement (``>= 2``, capped at the
-            dimension); static under :func:`optax.inject_hyperparams`, as above.
+            dimension); static under :func:`optax.inject_hyperparams`, as above. The Lanczos
+            basis holds this many parameter-sized vectors.
+        num_tracked: bottom Ritz vectors carried into the next start (``>= 1``).
+        threshold: optional eigenvalue level for ``num_above`` (e.g. ``2 / learning_rate``).
         seed: an int seed or a PRNG key.
 
     Returns:
         An :class:`optax.GradientTransformationExtraArgs`; ``update`` needs ``params`` and
         ``value_fn`` (call it inside the jitted step that takes the batch, see the module
-        documentation, so that it compiles once).
+        documentation, so that it compiles once). ``num_matvecs`` in the state counts the
+        products spent so far.
     """
     _check_positive_int(every, "every")
     _check_positive_int(num_matvecs, "num_matvecs")
+    _check_positive_int(num_tracked, "num_tracked")
     if isinstance(num_matvecs, int | np.integer) and num_matvecs < 2:
         # One Lanczos step has a single Ritz value: lambda_max and lambda_min would coincide.
         msg = f"num_matvecs must be >= 2 to separate lambda_max from lambda_min, got {num_matvecs}."
@@ -420,24 +515,106 @@ def monitor_curvature(
         key, sub = jax.random.split(_as_key(seed))
         vector = tree_random_sphere(sub, krylov.to_krylov(params))
         nan = jnp.full((), jnp.nan, jnp.float32)
-        return CurvatureMonitorState(jnp.zeros((), jnp.int32), key, nan, nan, vector, vector)
+        zero = jnp.zeros((), jnp.int32)
+        return CurvatureMonitorState(zero, key, nan, nan, vector, vector, vector, zero, zero)
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         del extra_args
         _require_value_fn(value_fn, params, "monitor_curvature")
         key, sub = jax.random.split(state.rng_key)
+        dim = tree_dim(params)
+        m = min(int(num_matvecs), dim)
+        m0 = min(2 * int(num_matvecs), dim)
 
-        def measure(_):
-            # Start from top + bottom: the Krylov space then contains both previous
-            # directions and refines both ends at once.
-            start = jax.tree_util.tree_map(jnp.add, state.top_vector, state.bottom_vector)
-            low, bottom, high, top = _ritz_extremes(value_fn, params, sub, start, num_matvecs)
-            return high.astype(jnp.float32), low.astype(jnp.float32), top, bottom
+        def run(size):
+            def measure(_):
+                out = _measure(value_fn, params, sub, state, size, num_tracked, threshold, 0.01)
+                return (*out, state.num_matvecs + size)
+
+            return measure
 
         def keep(_):
-            return state.lambda_max, state.lambda_min, state.top_vector, state.bottom_vector
+            return (
+                state.lambda_max,
+                state.lambda_min,
+                state.top_vector,
+                state.bottom_vector,
+                state.start_vector,
+                state.num_above,
+                state.num_matvecs,
+            )
 
-        hi, lo, top, bottom = jax.lax.cond(state.count % every == 0, measure, keep, None)
-        return updates, CurvatureMonitorState(state.count + 1, key, hi, lo, top, bottom)
+        branch = jnp.where(state.count == 0, 0, jnp.where(state.count % every == 0, 1, 2))
+        out = jax.lax.switch(branch, [run(m0), run(m), keep], None)
+        return updates, CurvatureMonitorState(state.count + 1, key, *out)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class SharpnessState(NamedTuple):
+    """State of :func:`scale_by_sharpness`: the monitor's state and the learning rate it set."""
+
+    monitor: CurvatureMonitorState
+    learning_rate: jax.Array
+
+
+def scale_by_sharpness(
+    c: Any = 1.0,
+    *,
+    max_learning_rate: Any,
+    every: int = 10,
+    num_matvecs: int = 20,
+    seed: Any = 0,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Scale updates by :math:`-\eta_t`, :math:`\eta_t = \min(c / \lambda_{\max}, \eta_{\max})`.
+
+    The learning rate follows the sharpness: :math:`\lambda_{\max}` is the warm-started
+    estimate of :func:`monitor_curvature` (run inside this transform, every ``every`` steps
+    with ``num_matvecs`` products, so ``num_matvecs / every`` products per step). For gradient
+    descent on a quadratic, :math:`c = 1` is the step :math:`1/\lambda` that is optimal along
+    the top eigenvector (seed 001, appendix C) and :math:`c < 2` the stability limit, so
+    ``optax.chain(optax.trace(0.0), scale_by_sharpness(1.0, max_learning_rate=0.1))`` is
+    gradient descent that stays below the edge of stability. While the estimate is not
+    positive (at the start, or at a point with no positive curvature) the rate is
+    :math:`\eta_{\max}`. It applies to updates that are plain gradients (or their momentum);
+    after an adaptive preconditioner (Adam) the relevant sharpness is that of the
+    preconditioned Hessian, which this does not measure.
+
+    Args:
+        c: the factor :math:`c > 0` (a number or an array under
+            :func:`optax.inject_hyperparams`).
+        max_learning_rate: the cap :math:`\eta_{\max} \ge 0`.
+        every: measure every this many steps (``>= 1``).
+        num_matvecs: products per measurement (``>= 2``; static).
+        seed: an int seed or a PRNG key.
+
+    Returns:
+        An :class:`optax.GradientTransformationExtraArgs` whose state holds the monitor's
+        state and the current ``learning_rate``; ``update`` needs ``params`` and ``value_fn``.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, optax
+        >>> f = lambda p: 2.0 * p[0] ** 2 + 0.5 * p[1] ** 2        # lambda_max = 4
+        >>> opt = scale_by_sharpness(1.0, max_learning_rate=1.0, num_matvecs=2)
+        >>> p = jnp.ones(2)
+        >>> _, state = opt.update(jax.grad(f)(p), opt.init(p), p, value_fn=f)
+        >>> round(float(state.learning_rate), 4)
+        0.25
+    """
+    _check_nonnegative(c, "c")
+    _check_nonnegative(max_learning_rate, "max_learning_rate")
+    monitor = monitor_curvature(every, num_matvecs=num_matvecs, seed=seed)
+
+    def init_fn(params: PyTree) -> SharpnessState:
+        return SharpnessState(monitor.init(params), jnp.asarray(max_learning_rate, jnp.float32))
+
+    def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+        _, mstate = monitor.update(updates, state.monitor, params, value_fn=value_fn, **extra_args)
+        lam = mstate.lambda_max
+        positive = jnp.isfinite(lam) & (lam > 0)
+        rate = jnp.where(positive, c / jnp.where(positive, lam, 1.0), max_learning_rate)
+        rate = jnp.minimum(rate, max_learning_rate).astype(jnp.float32)
+        new = jax.tree_util.tree_map(lambda u: (-rate * u).astype(u.dtype), updates)
+        return new, SharpnessState(mstate, rate)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -20,4 +20,8 @@ def test_hvp_benchmark_quick(tmp_path):
         rows = res["rows"]
         assert rows["grad"]["ratio_to_grad"] == 1.0
         assert all(r["median_ms"] > 0 for r in rows.values())
+        # Eager calls reuse one compiled program: a repeated eager call is within a small
+        # factor of the jitted one (loose: one repeat on a shared machine).
+        assert rows["hk.hvp eager"]["ratio_to_jit_hvp"] < 20
+        assert rows["op(v) eager"]["ratio_to_jit_hvp"] < 20
     assert (tmp_path / f"hvp-{out['meta']['backend']}-quick.md").read_text().startswith("# HVP")

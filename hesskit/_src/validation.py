@@ -16,14 +16,61 @@ def _describe(x: Any) -> str:
     return f"{jnp.result_type(x)}{tuple(jnp.shape(x))}"
 
 
+_NNX_SPLIT = "`graphdef, params, rest = nnx.split(model, nnx.Param, ...)` (flax nnx)"
+_EQX_PARTITION = "`params, static = eqx.partition(model, eqx.is_inexact_array)` (equinox)"
+_FILTER_HINT = (
+    f"pass only the trainable float leaves and keep the rest out of params, e.g. {_NNX_SPLIT} "
+    f"or {_EQX_PARTITION}; hand the other leaves to f as data arguments, "
+    "`hessian_operator(f, params, *args)`, or close over them."
+)
+
+
+def _is_rng_state(path: tuple, dtype: Any) -> bool:
+    # nnx keeps each Rngs stream as a key and a uint32 counter under an ``rngs`` attribute (or
+    # a module attribute named after the stream); both are state, never parameters.
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return True
+    names = {str(getattr(k, "key", getattr(k, "name", k))) for k in path}
+    return "rngs" in names or ("count" in names and jnp.issubdtype(dtype, jnp.unsignedinteger))
+
+
 def check_float_params(params: PyTree, name: str = "params") -> None:
-    """Raise ``TypeError`` unless every leaf of ``params`` is a real floating array."""
+    """Raise ``TypeError`` unless every leaf of ``params`` is a real floating array.
+
+    The message names the first bad leaf and the filter that removes it: non-array leaves (an
+    equinox model's activation functions), Python scalars (a learning rate or a flag that would
+    otherwise silently become a weakly typed parameter), random-number state (an nnx ``Rngs``
+    key and counter) and integer or complex arrays.
+    """
     leaves = jax.tree_util.tree_leaves_with_path(params)
     if not leaves:
         msg = f"{name} has no array leaves; a curvature operator needs at least one parameter."
         raise ValueError(msg)
     for path, leaf in leaves:
-        dtype = jnp.result_type(leaf)
+        where = f"{name}{jax.tree_util.keystr(path)}"
+        if isinstance(leaf, bool | int | float | complex):
+            msg = (
+                f"{where} is a Python {type(leaf).__name__} ({leaf!r}), not an array; hesskit "
+                "rejects Python scalars as parameters because they are usually hyperparameters "
+                "or flags. If it is a parameter, make it an array (jnp.asarray(x, "
+                "jnp.float32)); otherwise keep it out of params (close over it, or pass it as a "
+                f"data argument). For whole models: {_FILTER_HINT}"
+            )
+            raise TypeError(msg)
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not hasattr(leaf, "shape"):
+            msg = (
+                f"{where} is a {type(leaf).__name__} object, not an array: only arrays can be "
+                f"differentiated; {_FILTER_HINT}"
+            )
+            raise TypeError(msg)
+        if _is_rng_state(path, dtype):
+            msg = (
+                f"{where} ({dtype}) is random-number state (an nnx Rngs key or counter), not a "
+                f"parameter: split it off with {_NNX_SPLIT} and pass `rest` (or a fixed dropout "
+                "key) to f as a data argument, `hessian_operator(f, params, rest, ...)`."
+            )
+            raise TypeError(msg)
         if not jnp.issubdtype(dtype, jnp.floating):
             kind = "complex" if jnp.issubdtype(dtype, jnp.complexfloating) else "non-floating"
             if kind == "complex":
@@ -31,23 +78,39 @@ def check_float_params(params: PyTree, name: str = "params") -> None:
             else:
                 # Integer leaves are almost always state (step counters, batch statistics,
                 # indices) mixed into the trainable tree: filter them out rather than cast them.
-                hint = (
-                    "pass only the trainable float leaves and keep the rest out of params, e.g. "
-                    "`params, rest = nnx.split(model, nnx.Param, ...)` (flax nnx) or "
-                    "`params, static = eqx.partition(model, eqx.is_inexact_array)` (equinox); "
-                    "hand the other leaves to f as data arguments, "
-                    "`hessian_operator(f, params, *args)`, or close over them."
-                )
+                hint = _FILTER_HINT
             msg = (
-                f"{name}{jax.tree_util.keystr(path)} has {kind} dtype {dtype}; hesskit "
-                f"differentiates real floating parameters only: {hint}"
+                f"{where} has {kind} dtype {dtype}; hesskit differentiates real floating "
+                f"parameters only: {hint}"
             )
             raise TypeError(msg)
 
 
-def check_scalar_fn(f: Callable[..., Any], *args: Any, name: str = "f") -> None:
-    """Raise ``ValueError`` unless ``f(*args)`` returns a real floating scalar."""
+def check_scalar_fn(
+    f: Callable[..., Any], *args: Any, name: str = "f", has_aux: bool = False
+) -> None:
+    """Raise ``ValueError`` unless ``f(*args)`` returns a real floating scalar.
+
+    With ``has_aux=True``, ``f`` must return a pair ``(scalar, aux)`` and only the first item is
+    checked.
+    """
     out = jax.eval_shape(f, *args)
+    if has_aux:
+        if not (isinstance(out, tuple | list) and len(out) == 2):
+            msg = (
+                f"{name} was declared has_aux=True, so it must return a pair (loss, aux), but "
+                f"it returned {jax.tree_util.tree_structure(out)}."
+            )
+            raise ValueError(msg)
+        out = out[0]
+    elif isinstance(out, tuple) and len(out) == 2 and jax.tree_util.tree_leaves(out[1]):
+        leaves0 = jax.tree_util.tree_leaves(out[0])
+        if len(leaves0) == 1 and leaves0[0].shape == ():
+            msg = (
+                f"{name} returned a pair (scalar, ...): if the second item is auxiliary output "
+                "(new BatchNorm statistics, metrics), pass has_aux=True."
+            )
+            raise ValueError(msg)
     leaves = jax.tree_util.tree_leaves(out)
     if len(leaves) != 1 or leaves[0].shape != ():
         shapes = [tuple(leaf.shape) for leaf in leaves]

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP_TEST := $(VENV)/.stamp-test
 STAMP_DEMO := $(VENV)/.stamp-demo
 
-.PHONY: demo test test-fast check-wheel lint format bench bench-quick clean
+.PHONY: demo test test-fast test-min check-wheel lint format bench bench-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,24 @@ test: $(STAMP_TEST)
 check-wheel: $(STAMP_TEST)
 	$(PY) tests/wheel_check.py
 
+# The lowest versions pyproject.toml allows: each "name>=X" dependency pinned to "name==X" in a
+# separate venv, hesskit installed without dependencies, and a fast subset of the suite.
+VENV_MIN := .venv-min
+MIN_TESTS := tests/test_tree.py tests/test_operators.py tests/test_eigensolvers.py \
+	tests/test_saddle_transforms.py
+MIN_PINS = $$($(PYTHON) -c 'import tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))\
+	["project"]["dependencies"]; print(" ".join(d.replace(">=", "==") for d in deps))')
+test-min:
+	test -x $(VENV_MIN)/bin/python || $(PYTHON) -m venv $(VENV_MIN)
+	$(VENV_MIN)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV_MIN)/bin/python -m pip install --quiet $(MIN_PINS) pytest hypothesis scipy
+	$(VENV_MIN)/bin/python -m pip install --quiet --no-deps -e .
+	$(VENV_MIN)/bin/python -m pip list 2>/dev/null | grep -E '^(jax|jaxlib|optax|flax|numpy) '
+	# Old jax deprecates calls that newer versions accept (jnp.shape of a ShapeDtypeStruct): here
+	# deprecation warnings are shown, not raised as errors as in make test.
+	$(VENV_MIN)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" \
+	  -W default::DeprecationWarning $(MIN_TESTS)
+
 test-fast: $(STAMP_TEST)
 	$(PY) -m pytest -q -m "not slow" -x
 
@@ -68,4 +86,4 @@ bench: $(STAMP_TEST)
 	$(PY) benchmarks/scale.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .test-logs
+	rm -rf $(VENV) $(VENV_MIN) .pytest_cache .ruff_cache .test-logs

@@ -56,7 +56,9 @@ import numpy as np
 import optax
 
 import hesskit as hk
-from hesskit.examples import MLP, LeNet, load_digits, make_loss
+from hesskit.examples import LinenLeNet as LeNet
+from hesskit.examples import LinenMLP as MLP
+from hesskit.examples import load_digits, make_loss
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from hvp import trained_point  # noqa: E402

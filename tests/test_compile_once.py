@@ -172,7 +172,7 @@ def test_transforms_compile_once_under_jit_with_new_batches(name):
 def test_tracker_compiles_once_on_a_cnn():
     # Convolutions take eigsh's other loop strategy on CPU (host-dispatched steps): it must be
     # compiled once across checkpoints as well.
-    from hesskit.examples import CNN
+    from hesskit.examples import LinenCNN as CNN
 
     module = CNN(channels=(2, 3), hidden=4, num_classes=3)
     traces = [0]
@@ -194,3 +194,30 @@ def test_tracker_compiles_once_on_a_cnn():
         tracker.update(t, loss, jax.random.key(t), params=params, args=(batch(t),))
         counts.append(traces[0])
     assert counts[0] > 0 and counts[2] == counts[0]
+
+
+def test_eager_hvp_and_product_trace_once():
+    # Eager calls go through one compiled program per function and shapes: the second call
+    # with new values (same shapes) neither re-traces the loss for validation nor runs op by op.
+    loss = CountingLoss()
+    batch = batch_at(0)
+    f = lambda p: loss(p, batch)  # noqa: E731
+    p0, p1 = params_at(0), params_at(1)
+    hk.hvp(f, p0, p0)
+    traced = loss.traces
+    assert traced > 0
+    hv = hk.hvp(f, p1, p0)
+    assert loss.traces == traced
+    flat, unravel = ravel_pytree(p1)
+    h = jax.hessian(lambda z: loss(unravel(z), batch))(flat)
+    np.testing.assert_allclose(ravel_pytree(hv)[0], h @ ravel_pytree(p0)[0], rtol=1e-10)
+    # An operator's eager product: built on a new batch, the first product compiles once and
+    # operators on further batches of the same shapes reuse it.
+    hk.hessian_operator(loss, p0, batch)(p0)
+    traced = loss.traces
+    hv = hk.hessian_operator(loss, p1, batch_at(1))(p0)
+    hk.hessian_operator(loss, p1, batch_at(2), damping=0.5)(p0)
+    hk.hessian_operator(loss, p1, batch_at(2), damping=0.25)(p0)
+    assert loss.traces == traced + 1  # the damped product is one more program
+    h = jax.hessian(lambda z: loss(unravel(z), batch_at(1)))(flat)
+    np.testing.assert_allclose(ravel_pytree(hv)[0], h @ ravel_pytree(p0)[0], rtol=1e-10)

@@ -8,7 +8,7 @@ from jax.flatten_util import ravel_pytree
 from spectra import WIDE, WIDE_NAME
 
 import hesskit as hk
-from hesskit.examples import CNN
+from hesskit.examples import LinenCNN as CNN
 
 # float32 HVPs of these O(1) losses are accurate to a few ulps of the largest entries; 2e-4 leaves
 # room for summation order without hiding a wrong sign or a missing term (those are O(1) errors).

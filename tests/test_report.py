@@ -141,7 +141,13 @@ def _saved_problem(out, res, config):
     data = load_digits(config["subset"], seed=config["seed"])
     module, template = make_classifier(res["model"], key=jax.random.key(0), sample=data.x[:1])
     raw = (out / res["model"] / "params.msgpack").read_bytes()
-    params = flax.serialization.from_bytes(template, raw)
+    from flax import nnx
+
+    if isinstance(template, nnx.State):  # the report saves nnx parameters as a pure dict
+        nnx.replace_by_pure_dict(template, flax.serialization.msgpack_restore(raw))
+        params = template
+    else:
+        params = flax.serialization.from_bytes(template, raw)
     loss_fn = make_loss(module)
     return params, data, loss_fn
 

@@ -323,8 +323,13 @@ def run_model(name: str, args: argparse.Namespace, out_dir: str, log: Callable[[
         train_losses.extend(np.asarray(losses).tolist())
         t += n
 
+    # The model is flax nnx (graphdef, params, rest = nnx.split(model, nnx.Param, ...)); msgpack
+    # takes the parameters' nested dict, nnx.replace_by_pure_dict restores them.
+    from flax import nnx
+
+    pure = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
     with open(os.path.join(out_dir, "params.msgpack"), "wb") as fh:
-        fh.write(flax.serialization.to_bytes(params))
+        fh.write(flax.serialization.to_bytes(pure))
     last = tracker.history[-1]
     full = _eig_result(
         last.eigenvalues, last.eigenvectors, last.residuals, last.converged, last.num_matvecs

@@ -10,6 +10,11 @@
 #
 # The model is small on purpose (2,410 parameters), so that every number below can be checked
 # against the dense Hessian, and the notebook asserts each of those checks.
+#
+# The model is a flax nnx module. hesskit differentiates the parameters only, so the model is
+# split into its structure, its `nnx.Param` variables and the rest (batch statistics, RNG
+# state: none here) with `graphdef, params, rest = nnx.split(model, nnx.Param, ...)`; the loss
+# merges them back. `params` is an `nnx.State`, a pytree hesskit takes as it is.
 
 # %%
 import io
@@ -19,17 +24,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from IPython.display import Image
 from jax.flatten_util import ravel_pytree
 
 import hesskit as hk
 from hesskit import plots
-from hesskit.examples import load_digits, make_classifier, make_loss
+from hesskit.examples import MLP, NnxModel, load_digits
 
 start = time.perf_counter()
 data = load_digits(256)
-module, params = make_classifier("mlp", key=jax.random.key(0), sample=data.x[:1])
-loss_fn = make_loss(module)
+model = MLP(64, (32, 10), rngs=nnx.Rngs(0))  # 64-32-10 tanh
+graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+module = NnxModel(graphdef, rest)  # module.apply(params, x) merges and calls the model
+
+
+def loss_fn(params, batch):
+    logits = nnx.merge(graphdef, params, rest)(batch.x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch.y).mean()
+
+
 print("parameters:", hk.tree_dim(params), "as a pytree:", jax.tree_util.tree_map(jnp.shape, params))
 
 # %% [markdown]
@@ -329,7 +343,7 @@ assert ggn_min >= -1e-5 * ggn_max
 
 # %%
 mask = jax.tree_util.tree_map_with_path(
-    lambda path, _: "Dense_1" in jax.tree_util.keystr(path), params
+    lambda path, _: "['layers'][1]" in jax.tree_util.keystr(path), params
 )
 block = hk.restrict(op, mask)
 in_block = flat(jax.tree_util.tree_map(lambda m, p: jnp.full(p.shape, m), mask, params)) > 0

@@ -29,6 +29,9 @@ from flax import nnx
 
 PyTree = Any
 
+# flax >= 0.12 wants lists of submodules wrapped in nnx.List; older nnx took plain lists.
+_ModuleList = getattr(nnx, "List", list)
+
 __all__ = [
     "CNN",
     "MLP",
@@ -185,7 +188,7 @@ class MLP(nnx.Module):
         rngs: nnx.Rngs,
     ):
         widths = (in_features, *features)
-        self.layers = nnx.List(
+        self.layers = _ModuleList(
             [
                 nnx.Linear(a, b, param_dtype=dtype, rngs=rngs)
                 for a, b in zip(widths[:-1], widths[1:], strict=True)
@@ -216,7 +219,7 @@ class _ConvNet(nnx.Module):
         rngs: nnx.Rngs,
     ):
         chans = (in_channels, *channels)
-        self.convs = nnx.List(
+        self.convs = _ModuleList(
             [
                 nnx.Conv(a, b, (kernel, kernel), param_dtype=dtype, rngs=rngs)
                 for a, b in zip(chans[:-1], chans[1:], strict=True)

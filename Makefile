@@ -6,14 +6,14 @@ PY := $(VENV)/bin/python
 STAMP_TEST := $(VENV)/.stamp-test
 STAMP_DEMO := $(VENV)/.stamp-demo
 
-.PHONY: demo test test-fast test-min check-wheel lint format bench bench-quick clean
+.PHONY: demo test test-fast test-min check-wheel lint format bench bench-quick clean docs
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
 $(STAMP_TEST): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e '.[test,demo]'
+	$(PY) -m pip install --quiet -e '.[test,demo,docs]'
 	touch $@
 
 $(STAMP_DEMO): pyproject.toml | $(PY)
@@ -84,6 +84,10 @@ bench: $(STAMP_TEST)
 	$(PY) benchmarks/eigs.py
 	$(PY) benchmarks/optimizers.py
 	$(PY) benchmarks/scale.py
+
+# The documentation site (mkdocs-material + mkdocstrings); warnings are errors.
+docs: $(STAMP_TEST)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) $(VENV_MIN) .pytest_cache .ruff_cache .test-logs

@@ -212,6 +212,60 @@ def test_small_budget_shrinks_the_default_basis():
         hk.eigsh(dense_operator(a), jax.random.key(0), 3, krylov_dim=30, max_matvecs=25)
 
 
+def test_default_basis_shrinks_to_the_free_memory(monkeypatch):
+    # SA's default basis is large (160 rows); where it would take more than half the free
+    # memory it shrinks instead of raising, and an explicit one that cannot fit still raises.
+    n = 2000
+    per_vector = 4 * n
+    monkeypatch.setattr(memory, "available_bytes", lambda: (100 * per_vector, "test"))
+    m = thick_restart._default_krylov_dim(3, "SA", n, None, jnp.zeros(n, jnp.float32))
+    assert 7 <= m < 160
+    assert memory.eigsh_vectors(m, 3) * per_vector <= 50 * per_vector
+    a = np.diag(np.linspace(-1.0, 1.0, n)).astype(np.float32)
+    res = hk.eigsh(dense_operator(a, jnp.float32), jax.random.key(0), 3, which="SA")
+    assert bool(np.all(res.converged))
+    with pytest.raises(hk.InsufficientMemoryError):
+        hk.eigsh(dense_operator(a, jnp.float32), jax.random.key(0), 3, krylov_dim=160)
+
+
+def test_checks_inside_a_cycle_stop_before_the_basis_is_full():
+    # Converged pairs are found at the check after they converge, not at the end of a cycle:
+    # a basis of 59 rows on the paper's well-separated top end stops long before filling it.
+    a = matrix_with_spectrum(SPECTRA["paper"], seed=3)
+    ev = np.linalg.eigvalsh(a)
+    res = hk.eigsh(dense_operator(a), jax.random.key(0), 2, which="LA", krylov_dim=59)
+    np.testing.assert_allclose(res.eigenvalues, ev[::-1][:2], rtol=1e-9)
+    assert bool(np.all(res.converged)) and int(res.num_restarts) == 0
+    assert int(res.num_matvecs) < 59
+
+
+def test_a_basis_spanning_the_whole_space_ends_the_run():
+    d = jnp.asarray([4.0, -2.0, 1.0, 6.0])
+    op = hk.LinearOperator(jax.tree_util.Partial(_diag_matvec, d=d), jnp.zeros(4))
+    for which, k, want in (("SA", 2, [-2.0, 1.0]), ("LA", 3, [6.0, 4.0, 1.0])):
+        res = hk.eigsh(op, jax.random.key(0), k, which=which)
+        np.testing.assert_allclose(res.eigenvalues, want, rtol=1e-5)
+        assert bool(np.all(res.converged)) and int(res.num_matvecs) <= 6
+
+
+@pytest.mark.parametrize("rows_per_block", [1, 3, 7, 16])
+def test_blocked_gram_schmidt_matches_one_block(rows_per_block):
+    # Only the blocks holding filled rows are read, the last block shifted back to fit; the
+    # result equals classical Gram-Schmidt against the filled rows.
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((40, 16)))
+    basis = {"a": jnp.asarray(q.T[:, :10]), "b": jnp.asarray(q.T[:, 10:].reshape(16, 2, 15))}
+    w = {"a": jnp.asarray(rng.standard_normal(10)), "b": jnp.asarray(rng.standard_normal((2, 15)))}
+    for filled in (1, 5, 11, 16):
+        got, c = krylov.orthogonalize_filled(basis, w, filled, rows_per_block=rows_per_block)
+        flat_q = q.T[:filled]
+        flat_w = np.concatenate([np.asarray(w["a"]), np.asarray(w["b"]).reshape(-1)])
+        np.testing.assert_allclose(c[:filled], flat_q @ flat_w, atol=1e-12)
+        np.testing.assert_allclose(c[filled:], 0.0)
+        flat_got = np.concatenate([np.asarray(got["a"]), np.asarray(got["b"]).reshape(-1)])
+        np.testing.assert_allclose(flat_got, flat_w - flat_q.T @ (flat_q @ flat_w), atol=1e-12)
+
+
 # -- Memory --------------------------------------------------------------------------------------
 def _temp_vectors(fn, *args, n):
     compiled = jax.jit(fn).lower(*args).compile()
@@ -231,7 +285,7 @@ def _diag_matvec(v, d):
 def test_eigsh_holds_two_stacks(m):
     n = 50_000
     op = _diag_operator(n)
-    cfg = thick_restart._Config(3, "SA", m, krylov.num_kept(3, m), 2000, True, None, 1e-7)
+    cfg = thick_restart._Config(3, "SA", m, krylov.num_kept(3, m), 2000, True, None, 1e-7, n)
     tol = jnp.float32(1e-5)
     held = _temp_vectors(
         lambda op, key: thick_restart._eigsh_compiled(op, key, None, tol, cfg),
@@ -241,7 +295,8 @@ def test_eigsh_holds_two_stacks(m):
     )
     # Basis and A Q, a column block of each restart rotation, the k Ritz vectors, a few more:
     # the documented formula counts the outputs too (k vectors).
-    assert held + 3 <= memory.eigsh_vectors(m, 3)
+    block = krylov.block_copy_rows(op.like, m)
+    assert held + 3 <= memory.eigsh_vectors(m, 3, block_rows=block)
     assert held >= 2 * m  # the two stacks are really there (the measurement is meaningful)
 
 
@@ -255,5 +310,6 @@ def test_lanczos_holds_its_basis_and_a_few_vectors():
             .compile()
         )
         ma = compiled.memory_analysis()
-        assert ma.temp_size_in_bytes / (4 * n) <= 8
+        block = krylov.block_copy_rows(op.like, m)
+        assert ma.temp_size_in_bytes / (4 * n) <= memory.lanczos_vectors(m, block_rows=block) - m
         assert ma.output_size_in_bytes / (4 * n) == pytest.approx(m, abs=0.1)

@@ -88,14 +88,18 @@ def _positive(value: int, name: str) -> int:
     return int(value)
 
 
-def eigsh_vectors(krylov_dim: int, k: int, *, return_eigenvectors: bool = True) -> int:
+def eigsh_vectors(
+    krylov_dim: int, k: int, *, return_eigenvectors: bool = True, block_rows: int = 0
+) -> int:
     """Peak vectors of :func:`hesskit.eigsh`.
 
     ``2 * krylov_dim + 2 * ceil(keep / 8) + 2 * k + EIGSH_EXTRA`` with ``keep`` the Ritz
     vectors kept at a restart (about ``(krylov_dim + k) / 2``): two stacks of ``krylov_dim``
     vectors (the basis and its stored products, rotated in place at each restart, a column
-    block of ``keep / 8`` rows of each at a time), the ``k`` Ritz vectors and their images.
-    Without eigenvectors no basis is stored: :data:`EIGSH_VALUES_EXTRA` vectors whatever the
+    block of ``keep / 8`` rows of each at a time), the ``k`` Ritz vectors and their images,
+    plus ``block_rows``: the rows of one Gram-Schmidt block read at a time on CPU (at most
+    4 MiB, :func:`hesskit._src.krylov.block_copy_rows`). Without eigenvectors no basis is
+    stored: :data:`EIGSH_VALUES_EXTRA` vectors whatever the
     number of products. Measured with ``memory_analysis()`` in ``tests/test_krylov.py``.
     """
     krylov_dim, k = _positive(krylov_dim, "krylov_dim"), _positive(k, "k")
@@ -105,12 +109,15 @@ def eigsh_vectors(krylov_dim: int, k: int, *, return_eigenvectors: bool = True) 
     if not return_eigenvectors:
         return EIGSH_VALUES_EXTRA
     keep = num_kept(k, krylov_dim)
-    return 2 * krylov_dim + 2 * (-(-keep // 8)) + 2 * k + EIGSH_EXTRA
+    return 2 * krylov_dim + 2 * (-(-keep // 8)) + 2 * k + EIGSH_EXTRA + int(block_rows)
 
 
-def lanczos_vectors(num_iters: int) -> int:
-    """Peak vectors of :func:`hesskit.lanczos`: its basis plus ``LANCZOS_EXTRA``."""
-    return _positive(num_iters, "num_iters") + LANCZOS_EXTRA
+def lanczos_vectors(num_iters: int, *, block_rows: int = 0) -> int:
+    """Peak vectors of :func:`hesskit.lanczos`: its basis plus ``LANCZOS_EXTRA``.
+
+    Plus ``block_rows``, the rows of one Gram-Schmidt block on CPU (see :func:`eigsh_vectors`).
+    """
+    return _positive(num_iters, "num_iters") + LANCZOS_EXTRA + int(block_rows)
 
 
 def slq_vectors(num_iters: int, batch_size: int = 1) -> int:

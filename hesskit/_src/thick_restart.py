@@ -55,40 +55,6 @@ class EigResult(NamedTuple):
     status: jax.Array = 0  # type: ignore[assignment]  # results built by hand before it existed
 
 
-def _select(theta: jax.Array, which: str, count: int, k: int) -> jax.Array:
-    """Indices (into ascending ``theta``) of the ``count`` most wanted Ritz values, best first."""
-    m = theta.shape[0]
-    if which == "LA":
-        return jnp.arange(m - 1, m - 1 - count, -1)
-    if which == "SA":
-        return jnp.arange(count)
-    if which == "LM":
-        return jnp.argsort(-jnp.abs(theta))[:count]
-    # BE: k//2 from the bottom and the rest from the top; extra kept vectors split alike.
-    low = k // 2 + (count - k) // 2
-    high = count - low
-    return jnp.concatenate([jnp.arange(low), jnp.arange(m - high, m)])
-
-
-def _order(values: jax.Array, which: str) -> jax.Array:
-    if which == "LA":
-        return jnp.argsort(-values)
-    if which == "LM":
-        return jnp.argsort(-jnp.abs(values))
-    return jnp.argsort(values)
-
-
-def _default_krylov_dim(k: int, which: str, dim: int, max_matvecs: int | None) -> int:
-    # The bottom of a Hessian spectrum sits next to a dense bulk near zero, where a larger
-    # basis cuts the number of products two to three times (benchmarks/eigs.py).
-    floor = 40 if which in ("SA", "BE") else 20
-    m = min(dim, max(2 * k + 1, floor))
-    if max_matvecs is not None:
-        # A small budget shrinks the default basis rather than being refused.
-        m = max(min(m, max_matvecs), min(k + 1, dim))
-    return m
-
-
 def eigsh(
     op: LinearOperator,
     key: jax.Array,
@@ -106,17 +72,21 @@ def eigsh(
 ) -> EigResult:
     r"""The ``k`` extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
 
-    Builds an orthonormal Krylov basis of ``krylov_dim`` vectors (full reorthogonalization,
-    twice, against the rows filled so far), takes the Ritz pairs of the projected matrix
-    :math:`Q^\top A Q`, and restarts by keeping the most wanted Ritz vectors plus a few extra
-    (about half the free space) with the residual vector as the next direction (Wu and Simon
-    2000); the kept vectors are rotated in place, so the basis and its images ``A Q`` are the
-    only two stacks held. A run stops when the true residuals of the wanted pairs (computed
-    from the stored ``A Q``, no extra products) are at most ``tol * max|theta|``, when
-    ``max_matvecs`` is spent, or when the residuals stop improving above ``tol`` (the
-    tolerance is below what the products' precision reaches: ``status == 3``); the estimates
-    :math:`|\beta_m s_{m,i}|` only decide when to look, so the stop rule and ``converged``
-    always agree.
+    Builds an orthonormal Krylov basis of up to ``krylov_dim`` vectors (each new vector takes
+    the three-term recurrence, then one Gram-Schmidt pass against the rows filled so far, and
+    a second only when the first cancelled much of it), and checks the Ritz pairs of the
+    projected matrix :math:`Q^\top A Q` every ``max(2, j / 8)`` steps, so a run stops within
+    an eighth of the products it needed, whether or not the basis is full. When the basis is
+    full it restarts by keeping the most wanted Ritz vectors plus a few extra (about half the
+    free space) with the residual vector as the next direction (Wu and Simon 2000); the kept
+    vectors are rotated in place, so the basis and its images ``A Q`` are the only two stacks
+    held. A run stops when the true residuals of the wanted pairs (computed from the stored
+    ``A Q``, no extra products) are at most ``tol * max|theta|``, when ``max_matvecs`` is
+    spent, or when the residuals stop improving above ``tol`` (the tolerance is below what the
+    products' precision reaches: ``status == 3``); the estimates
+    :math:`|\beta_j s_{j,i}|` only decide when to look, so the stop rule and ``converged``
+    always agree. The eigenvalues then err by about ``residual**2 / gap``: for small
+    eigenvalues next to a large top end, pass a smaller ``tol`` for relative accuracy.
 
     ``which`` picks the end of the spectrum: ``"LA"`` (largest algebraic), ``"SA"`` (smallest
     algebraic, the most negative curvature), ``"BE"`` (``k // 2`` from the bottom and the rest
@@ -140,7 +110,11 @@ def eigsh(
 
     Memory: ``2 * krylov_dim`` vectors (the basis and ``A Q``) plus a few (the residual, a
     product, ``k`` Ritz vectors at the end, a column block of the restart rotation), each
-    vector in Krylov precision (``basis_dtype`` may store the two stacks narrower).
+    vector in Krylov precision (``basis_dtype`` may store the two stacks narrower): 356
+    vectors for SA(3) by default (:func:`hesskit._src.memory.eigsh_vectors`), 1.4 GB at 1M
+    float32 parameters. The trade-off is products
+    against memory: a smaller ``krylov_dim`` restarts sooner and takes more products (SA(3)
+    on the digits MLP: 173-180 at the default 160, 401-420 at 40).
     ``return_eigenvectors=False`` holds a few vectors only, however many products it takes.
 
     Args:
@@ -152,16 +126,18 @@ def eigsh(
             for float64, 1e-5 for float32, ``4 eps`` for narrower (about 3e-2 for bfloat16).
         max_matvecs: budget of operator products; default ``max(50 * krylov_dim, 2000)``.
         krylov_dim: basis size; default ``min(dim, max(2 k + 1, 20))`` (SciPy's ``ncv``) for
-            LA and LM and ``min(dim, max(2 k + 1, 40))`` for SA and BE, whose wanted values
-            sit next to the Hessian's bulk, capped by an explicit ``max_matvecs``. Must satisfy
-            ``k < krylov_dim <= dim``.
+            LA and LM and ``min(dim, max(2 k + 1, 160))`` for SA and BE, whose wanted values
+            sit next to the Hessian's bulk: one unrestarted run of 150-170 products is what
+            SA(3) takes on the 85k-parameter digits MLP, and the checks inside a cycle make
+            unused rows cost memory only. The default shrinks to an explicit ``max_matvecs``
+            and to half the free memory (see Memory). Must satisfy ``k < krylov_dim <= dim``.
         v0: optional start vector shaped like ``op.like`` (e.g. a previous eigenvector, to warm
             start); must be nonzero.
-        verify: once everything has converged, restart once from a fresh random direction
-            orthogonal to the kept vectors, so that a missed copy of a repeated extreme
-            eigenvalue (which a single-vector Krylov space cannot see) is found. Costs one partial
-            cycle, about ``(krylov_dim - k) / 2`` products, when nothing was missed; ``False``
-            skips it, as ARPACK and SciPy do.
+        verify: once everything has converged, go on from a fresh random direction orthogonal
+            to the basis for an eighth of the products spent so far (at least two), keeping
+            every row, so that a missed copy of a repeated extreme eigenvalue (which a
+            single-vector Krylov space cannot see) shows up and is found. ``False`` skips it,
+            as ARPACK and SciPy do.
         return_eigenvectors: ``False`` (SciPy's name) runs Lanczos without a stored basis and
             returns ``eigenvectors=None`` (see :func:`hesskit._src.lanczos_values`).
         loop: ``"auto"``, ``"compiled"`` or ``"host"`` (see above).
@@ -202,7 +178,7 @@ def eigsh(
     if max_matvecs is not None:
         max_matvecs = validation.check_positive_int(max_matvecs, "max_matvecs")
     if krylov_dim is None:
-        krylov_dim = _default_krylov_dim(k, which, dim, max_matvecs)
+        krylov_dim = _default_krylov_dim(k, which, dim, max_matvecs, op.like)
     krylov_dim = validation.check_positive_int(krylov_dim, "krylov_dim")
     if not k < krylov_dim <= dim:
         msg = f"krylov_dim must satisfy k = {k} < krylov_dim <= dim = {dim}, got {krylov_dim}."
@@ -229,7 +205,12 @@ def eigsh(
             msg = f"{name} must be a bool, got {flag!r}."
             raise TypeError(msg)
     memory.check_fits(
-        memory.eigsh_vectors(krylov_dim, k, return_eigenvectors=return_eigenvectors),
+        memory.eigsh_vectors(
+            krylov_dim,
+            k,
+            return_eigenvectors=return_eigenvectors,
+            block_rows=krylov.block_copy_rows(op.like, krylov_dim),
+        ),
         op.like,
         f"eigsh(k={k}, krylov_dim={krylov_dim})",
         reduce="a smaller krylov_dim, basis_dtype=jnp.bfloat16 or return_eigenvectors=False",
@@ -245,7 +226,7 @@ def eigsh(
     dtypes += [] if basis_dtype is None else [basis_dtype]
     product_eps = max(float(jnp.finfo(d).eps) for d in dtypes)
     keep = krylov.num_kept(k, krylov_dim)
-    cfg = _Config(k, which, krylov_dim, keep, max_matvecs, verify, basis_dtype, product_eps)
+    cfg = _Config(k, which, krylov_dim, keep, max_matvecs, verify, basis_dtype, product_eps, dim)
     if loop == "compiled":
         return _eigsh_compiled(op, key, v0, tol, cfg)
     return _eigsh_host(op, key, v0, tol, cfg)
@@ -260,19 +241,24 @@ class _Config(NamedTuple):
     verify: bool
     basis_dtype: Any
     product_eps: float
+    dim: int
 
 
 class _Run(NamedTuple):
-    """The restart loop's state: the Krylov basis and the bookkeeping around it."""
+    """The solver's state: the Krylov basis and the bookkeeping around it."""
 
     kry: krylov.KrylovState
+    filled: jax.Array  # rows of the basis filled so far
     matvecs: jax.Array
     restarts: jax.Array
-    verified: jax.Array
+    verified: jax.Array  # the verification window is over (or was not asked for)
+    pending: jax.Array  # a verification direction is to be injected before the next steps
+    verify_end: jax.Array  # product count at which the verification window ends, -1 before
     done: jax.Array
     status: jax.Array
     best: jax.Array
-    stalls: jax.Array
+    best_at: jax.Array
+    fails: jax.Array
 
 
 def _init(op: LinearOperator, key: jax.Array, v0: PyTree | None, cfg: _Config) -> _Run:
@@ -281,98 +267,231 @@ def _init(op: LinearOperator, key: jax.Array, v0: PyTree | None, cfg: _Config) -
     start = tree_random_sphere(start_key, klike) if v0 is None else krylov.to_krylov(v0)
     q0, _ = tree_normalize(start)
     kry = krylov.init_state(q0, key, cfg.m, with_images=True, storage_dtype=cfg.basis_dtype)
+    zero = jnp.zeros((), jnp.int32)
     return _Run(
         kry=kry,
-        matvecs=jnp.zeros((), jnp.int32),
-        restarts=jnp.asarray(-1, jnp.int32),
+        filled=zero,
+        matvecs=zero,
+        restarts=zero,
         verified=jnp.asarray(not cfg.verify),
+        pending=jnp.asarray(False),
+        verify_end=jnp.asarray(-1, jnp.int32),
         done=jnp.asarray(False),
         status=jnp.asarray(krylov.MAX_MATVECS, jnp.int32),
         best=jnp.asarray(jnp.inf, kry.proj.dtype),
-        stalls=jnp.zeros((), jnp.int32),
+        best_at=zero,
+        fails=zero,
     )
 
 
-def _worst_estimate(proj, beta, cfg: _Config) -> jax.Array:
-    """The largest residual estimate ``|beta_m s_{m,i}|`` of a wanted pair over ``max|theta|``."""
-    theta, s = krylov.ritz(proj)
-    idx = _select(theta, cfg.which, cfg.k, cfg.k)
-    est = jnp.abs(beta * s[cfg.m - 1, idx])
-    scale = jnp.max(jnp.abs(theta))
-    return jnp.max(est) / jnp.where(scale > 0, scale, 1.0)
+def _ritz_filled(proj: jax.Array, filled: Any) -> tuple[jax.Array, jax.Array]:
+    """Ritz pairs of the leading ``filled x filled`` block of ``Q^T A Q``, padded to ``m``.
+
+    The values come first in ascending order (``theta[:filled]``), then placeholders above all
+    of them; each coefficient vector is zero past ``filled``. ``eigh`` runs on the smallest of
+    a few static sizes that holds the filled rows, so an early check in a large basis is
+    cheap.
+    """
+    m = proj.shape[0]
+    sizes = sorted({b for b in (16, 32, 64, 128, 256, 512) if b < m} | {m})
+
+    def branch(b: int):
+        def run(proj):
+            sub = proj[:b, :b]
+            valid = jnp.arange(b) < filled
+            big = 2.0 * jnp.sqrt(jnp.sum(sub * sub)) + 1.0
+            sub = jnp.where(valid[:, None] & valid[None, :], sub, 0.0)
+            sub = sub + jnp.diag(jnp.where(valid, 0.0, big)).astype(sub.dtype)
+            theta, s = krylov.ritz(sub)
+            s = jnp.where(valid[:, None], s, 0.0).astype(s.dtype)
+            theta = jnp.concatenate([theta, jnp.full((m - b,), big, theta.dtype)])
+            s = jnp.zeros((m, m), s.dtype).at[:b, :b].set(s)
+            return theta, s
+
+        return run
+
+    index = jnp.searchsorted(jnp.asarray(sizes), filled, side="left")
+    index = jnp.clip(index, 0, len(sizes) - 1)
+    return jax.lax.switch(index, [branch(b) for b in sizes], proj)
 
 
-def _estimates_converged(proj, beta, tol, cfg: _Config) -> jax.Array:
-    return _worst_estimate(proj, beta, cfg) <= tol
+def _select(theta: jax.Array, which: str, count: int, k: int, filled: Any) -> jax.Array:
+    """Indices of the ``count`` most wanted Ritz values, best first.
+
+    ``theta`` is ascending in its first ``filled`` entries (see :func:`_ritz_filled`).
+    """
+    m = theta.shape[0]
+    if which == "LA":
+        return filled - 1 - jnp.arange(count)
+    if which == "SA":
+        return jnp.arange(count)
+    if which == "LM":
+        key = jnp.where(jnp.arange(m) < filled, -jnp.abs(theta), jnp.inf)
+        return jnp.argsort(key)[:count]
+    # BE: k//2 from the bottom and the rest from the top; extra kept vectors split alike.
+    low = k // 2 + (count - k) // 2
+    high = count - low
+    return jnp.concatenate([jnp.arange(low), filled - high + jnp.arange(high)])
 
 
-def _begin_cycle(run: _Run, cfg: _Config, tol: jax.Array) -> _Run:
-    """Compress the basis to the kept Ritz vectors and choose the next start direction."""
+def _order(values: jax.Array, which: str) -> jax.Array:
+    if which == "LA":
+        return jnp.argsort(-values)
+    if which == "LM":
+        return jnp.argsort(-jnp.abs(values))
+    return jnp.argsort(values)
+
+
+def _scale(theta: jax.Array, filled: Any) -> jax.Array:
+    scale = jnp.max(jnp.where(jnp.arange(theta.shape[0]) < filled, jnp.abs(theta), 0.0))
+    return jnp.where(scale > 0, scale, 1.0)
+
+
+def _default_krylov_dim(k: int, which: str, dim: int, max_matvecs: int | None, like: PyTree) -> int:
+    # The bottom of a Hessian spectrum sits next to a dense bulk near zero: one unrestarted
+    # Lanczos run of 150-170 steps is what SA(3) takes on the 85k-parameter digits MLP
+    # (benchmarks/eigs.py), and every restart before that costs products. With the checks
+    # inside a cycle, a large basis costs only its memory until it is used.
+    floor = 160 if which in ("SA", "BE") else 20
+    m = min(dim, max(2 * k + 1, floor))
+    if max_matvecs is not None:
+        # A small budget shrinks the default basis rather than being refused.
+        m = max(min(m, max_matvecs), min(k + 1, dim))
+    # ...and so does memory: at most half of what is free (the rest is the user's).
+    available, _ = memory.available_bytes()
+    if available is not None:
+        per_vector = memory.vector_bytes(like)
+        while m > min(2 * k + 1, dim) and (
+            memory.eigsh_vectors(m, k) * per_vector > available // 2
+        ):
+            m = max(min(2 * k + 1, dim), int(m * 0.8))
+    return m
+
+
+def _worst_estimate(theta, s, beta, filled, cfg: _Config) -> jax.Array:
+    """The largest residual estimate ``|beta s_{last,i}|`` of a wanted pair over ``max|theta|``."""
+    idx = _select(theta, cfg.which, cfg.k, cfg.k, filled)
+    last = jnp.maximum(filled - 1, 0)
+    est = jnp.abs(beta * s[last, idx])
+    return jnp.max(est) / _scale(theta, filled)
+
+
+def _restart(run: _Run, cfg: _Config) -> _Run:
+    """Compress the full basis to the kept Ritz vectors and choose the next direction."""
     kry = run.kry
-    first_cycle = run.restarts < 0
     theta, s = krylov.ritz(kry.proj)
-    kept_idx = _select(theta, cfg.which, cfg.keep, cfg.k)
+    kept_idx = _select(theta, cfg.which, cfg.keep, cfg.k, cfg.m)
     coeffs = s[:, kept_idx].T  # (keep, m)
     basis = krylov.rotate_rows(kry.basis, coeffs)
     images = krylov.rotate_rows(kry.images, coeffs)
     dtype = kry.proj.dtype
-    diag = jnp.where(first_cycle, 0.0, theta[kept_idx]).astype(dtype)
     ar = jnp.arange(cfg.keep)
-    proj = jnp.zeros((cfg.m, cfg.m), dtype).at[ar, ar].set(diag)
-    # A single-vector Krylov space holds only the part of a repeated eigenvalue's eigenspace
-    # present in the start vector. Once everything looks converged, restart once from a fresh
-    # random direction orthogonal to the kept vectors: a missed copy of a repeated (or
-    # numerically invisible) extreme eigenvalue then shows up as a new, unconverged wanted
-    # pair and the iteration goes on.
-    converged = _estimates_converged(kry.proj, kry.beta, tol, cfg)
-    verify_now = ~first_cycle & converged & ~run.verified
+    proj = jnp.zeros((cfg.m, cfg.m), dtype).at[ar, ar].set(theta[kept_idx].astype(dtype))
     key, sub = jax.random.split(kry.key)
     start = jax.lax.cond(
-        verify_now,
+        run.pending,
         lambda _: krylov.random_orthogonal(sub, basis, filled=cfg.keep, like=kry.q),
         lambda _: kry.q,
         None,
     )
-    # On the first cycle nothing is kept: the rotation above acted on zeros.
     kry = kry._replace(basis=basis, images=images, proj=proj, q=start, key=key)
-    return run._replace(kry=kry, verified=run.verified | verify_now)
+    return run._replace(
+        kry=kry,
+        filled=jnp.asarray(cfg.keep, jnp.int32),
+        restarts=run.restarts + 1,
+        pending=jnp.asarray(False),
+    )
 
 
-def _wanted_pairs(kry: krylov.KrylovState, cfg: _Config):
-    theta, s = krylov.ritz(kry.proj)
-    idx = _select(theta, cfg.which, cfg.k, cfg.k)
+def _inject(run: _Run, cfg: _Config) -> _Run:
+    """Continue the basis from a fresh random direction orthogonal to the filled rows.
+
+    A single-vector Krylov space holds only the part of a repeated eigenvalue's eigenspace
+    present in the start vector. Once everything looks converged, the run goes on for a few
+    products from a fresh direction, with every filled row kept: a missed copy of a repeated
+    (or numerically invisible) extreme eigenvalue then shows up as a new, unconverged wanted
+    pair and the iteration goes on.
+    """
+    kry = run.kry
+    key, sub = jax.random.split(kry.key)
+    j = run.filled
+    start = krylov.random_orthogonal(sub, kry.basis, filled=j, like=kry.q)
+    # The fresh direction has no coupling to the last row.
+    proj = kry.proj.at[j, j - 1].set(0.0).at[j - 1, j].set(0.0)
+    kry = kry._replace(q=start, key=key, proj=proj, beta=jnp.zeros_like(kry.beta))
+    return run._replace(kry=kry, pending=jnp.asarray(False))
+
+
+def _prepare(run: _Run, cfg: _Config) -> _Run:
+    """Before a segment of steps: restart a full basis, inject a pending verification."""
+    run = jax.lax.cond(run.filled >= cfg.m, lambda r: _restart(r, cfg), lambda r: r, run)
+    return jax.lax.cond(run.pending, lambda r: _inject(r, cfg), lambda r: r, run)
+
+
+def _segment_end(filled, matvecs, verify_end, cfg: _Config, xp: Any = jnp):
+    """The row after which the next convergence check runs.
+
+    Checks come every ``max(2, filled / 8)`` steps (an eighth more products at most than the
+    basis needed), at the end of the verification window, before the budget runs out and
+    when the basis is full; never before ``k + 2`` rows, the fewest that can be checked.
+    """
+    stop = xp.maximum(filled + xp.maximum(2, filled // 8), min(cfg.k + 2, cfg.m))
+    stop = xp.minimum(stop, cfg.m)
+    stop = xp.minimum(stop, filled + (cfg.max_matvecs - matvecs))
+    in_window = (verify_end >= 0) & (matvecs < verify_end)
+    return xp.where(in_window, xp.minimum(stop, filled + (verify_end - matvecs)), stop)
+
+
+def _wanted_pairs(kry: krylov.KrylovState, theta, s, filled, cfg: _Config):
+    idx = _select(theta, cfg.which, cfg.k, cfg.k, filled)
     idx = idx[_order(theta[idx], cfg.which)]
     values, vectors, residuals = krylov.ritz_pairs(kry, s[:, idx].T, theta[idx])
     # Refinement can swap two values of a cluster: restore the promised order.
     order = _order(values, cfg.which)
     vectors = jax.tree_util.tree_map(lambda x: x[order], vectors)
-    return values[order], vectors, residuals[order], jnp.max(jnp.abs(theta))
+    return values[order], vectors, residuals[order], _scale(theta, filled)
 
 
-def _end_cycle(run: _Run, cfg: _Config, tol: jax.Array, first: Any) -> _Run:
-    """Account for the cycle's products and decide, on true residuals, whether to stop."""
+def _check(run: _Run, cfg: _Config, tol: jax.Array) -> _Run:
+    """After a segment: decide, on true residuals, whether to verify, go on or stop."""
     kry = run.kry
-    matvecs = run.matvecs + (cfg.m - first)
-    estimate = _worst_estimate(kry.proj, kry.beta, cfg)
-    looks_done = (estimate <= tol) & run.verified
+    filled = run.filled
+    theta, s = _ritz_filled(kry.proj, filled)
+    estimate = _worst_estimate(theta, s, kry.beta, filled, cfg)
+    injected = run.verify_end >= 0
+    in_window = injected & (run.matvecs < run.verify_end)
+    # A basis spanning the whole space holds the exact pairs: nothing is left to find.
+    whole = filled >= cfg.dim
+    # Before the verification the estimates decide when to look at the true residuals; after
+    # it they miss the dropped residual direction, so every check looks.
+    looks = (filled > cfg.k) & ((~in_window & (injected | (estimate <= tol))) | whole)
 
     def true_check(_):
-        _, _, residuals, scale = _wanted_pairs(kry, cfg)
-        return jnp.max(residuals) / jnp.where(scale > 0, scale, 1.0)
+        _, _, residuals, scale = _wanted_pairs(kry, theta, s, filled, cfg)
+        return jnp.max(residuals) / scale
 
-    # The relative residual of the worst wanted pair: the true one once the estimates pass.
-    worst = jax.lax.cond(looks_done, true_check, lambda _: estimate, None)
-    converged = looks_done & (worst <= tol)
+    worst = jax.lax.cond(looks, true_check, lambda _: estimate, None)
+    passed = looks & (worst <= tol)
+    verified = run.verified | (injected & ~in_window) | whole
+    start_verify = passed & ~verified & ~injected
+    # The verification window grows with the solve: an eighth of the products spent, at
+    # least two, at most what is left.
+    window = jnp.maximum(2, run.matvecs // 8)
+    verify_end = jnp.where(
+        start_verify, jnp.minimum(run.matvecs + window, cfg.max_matvecs), run.verify_end
+    )
+    converged = passed & verified
     # Rounding in the products puts a floor under the residuals. Below about 100 eps of the
     # least precise leaf, a residual that stops improving (less than 10% better than the best
-    # seen for three cycles, or true residuals above tol twice while the estimates pass) is at
-    # that floor: more products cannot reach tol, and the run says so.
+    # seen for three cycles' worth of products, or true residuals above tol twice while the
+    # estimates pass) is at that floor: more products cannot reach tol, and the run says so.
     improved = worst < 0.9 * run.best
+    best_at = jnp.where(improved, run.matvecs, run.best_at)
     near_floor = worst <= 100 * cfg.product_eps
-    stalls = jnp.where(improved | ~near_floor, 0, run.stalls + 1)
-    stalls = stalls + jnp.where(looks_done & ~converged, 1, 0)
-    floor = (stalls >= 3) & ~converged
-    budget = matvecs + (cfg.m - cfg.keep) > cfg.max_matvecs
+    fails = run.fails + jnp.where(looks & ~passed & (estimate <= tol), 1, 0)
+    stalled = near_floor & (run.matvecs - best_at >= 3 * (cfg.m - cfg.keep))
+    floor = (stalled | (fails >= 2) | whole) & ~converged
+    budget = run.matvecs >= cfg.max_matvecs
     ok = kry.ok
     status = jnp.select(
         [~ok, converged, floor, budget],
@@ -380,18 +499,22 @@ def _end_cycle(run: _Run, cfg: _Config, tol: jax.Array, first: Any) -> _Run:
         krylov.MAX_MATVECS,
     ).astype(jnp.int32)
     return run._replace(
-        matvecs=matvecs,
-        restarts=run.restarts + 1,
+        verified=verified,
+        pending=start_verify & ~budget,
+        verify_end=verify_end.astype(jnp.int32),
         done=~ok | converged | floor | budget,
         status=status,
         best=jnp.minimum(run.best, worst),
-        stalls=stalls.astype(jnp.int32),
+        best_at=best_at.astype(jnp.int32),
+        fails=fails.astype(jnp.int32),
     )
 
 
 def _finish(run: _Run, cfg: _Config, tol: jax.Array) -> EigResult:
-    values, vectors, residuals, scale = _wanted_pairs(run.kry, cfg)
+    theta, s = _ritz_filled(run.kry.proj, run.filled)
+    values, vectors, residuals, scale = _wanted_pairs(run.kry, theta, s, run.filled, cfg)
     ok = run.kry.ok & jnp.all(jnp.isfinite(values)) & jnp.all(jnp.isfinite(residuals))
+    ok = ok & (run.filled > cfg.k)
     converged = (residuals <= tol * scale) & ok
     status = jnp.where(ok, run.status, krylov.NONFINITE).astype(jnp.int32)
     status = jnp.where(jnp.all(converged), krylov.CONVERGED, status).astype(jnp.int32)
@@ -401,10 +524,14 @@ def _finish(run: _Run, cfg: _Config, tol: jax.Array) -> EigResult:
         residuals=residuals,
         converged=converged,
         num_matvecs=run.matvecs,
-        num_restarts=jnp.maximum(run.restarts, 0),
+        num_restarts=run.restarts,
         ok=ok,
         status=status,
     )
+
+
+def _advance(run: _Run, stop: Any) -> _Run:
+    return run._replace(filled=stop, matvecs=run.matvecs + (stop - run.filled))
 
 
 # -- Compiled driver: the whole solve in one while loop. --------------------------------------
@@ -413,20 +540,20 @@ def _eigsh_compiled(op, key, v0, tol, cfg: _Config) -> EigResult:
     apply = krylov.product(op.linearize())
 
     def body(run: _Run) -> _Run:
-        first = jnp.where(run.restarts < 0, 0, cfg.keep)
-        run = _begin_cycle(run, cfg, tol)
+        run = _prepare(run, cfg)
+        stop = _segment_end(run.filled, run.matvecs, run.verify_end, cfg).astype(jnp.int32)
 
         def step(j, kry):
             return krylov.lanczos_step(kry, apply(kry.q), j)
 
-        kry = jax.lax.fori_loop(first, cfg.m, step, run.kry)
-        return _end_cycle(run._replace(kry=kry), cfg, tol, first)
+        kry = jax.lax.fori_loop(run.filled, stop, step, run.kry)
+        return _check(_advance(run._replace(kry=kry), stop), cfg, tol)
 
     run = jax.lax.while_loop(lambda r: ~r.done, body, _init(op, key, v0, cfg))
     return _finish(run, cfg, tol)
 
 
-# -- Host driver: compiled pieces dispatched from Python, one read per restart. ----------------
+# -- Host driver: compiled pieces dispatched from Python, one read per check. ------------------
 # The Krylov state is donated: each step writes one row of the two stacks in place instead of
 # copying them (which would double the memory and the traffic per step).
 @functools.partial(jax.jit, donate_argnums=1)
@@ -435,22 +562,30 @@ def _host_step(op: LinearOperator, kry: krylov.KrylovState, j: jax.Array) -> kry
 
 
 _init_jit = jax.jit(_init, static_argnums=3)
-_begin_jit = jax.jit(_begin_cycle, static_argnums=1, donate_argnums=0)
-_end_jit = jax.jit(_end_cycle, static_argnums=(1, 3), donate_argnums=0)
+_prepare_jit = jax.jit(_prepare, static_argnums=1, donate_argnums=0)
+_advance_check_jit = jax.jit(
+    lambda run, stop, cfg, tol: _check(_advance(run, stop), cfg, tol),
+    static_argnums=2,
+    donate_argnums=0,
+)
 _finish_jit = jax.jit(_finish, static_argnums=1)
 
 
 def _eigsh_host(op, key, v0, tol, cfg: _Config) -> EigResult:
     lin = krylov.linearized(op)
     run = _init_jit(op, key, v0, cfg)
-    first = 0
+    filled, matvecs, verify_end = 0, 0, -1
     while True:
-        run = _begin_jit(run, cfg, tol)
+        run = _prepare_jit(run, cfg)
+        if filled >= cfg.m:
+            filled = cfg.keep
+        stop = int(_segment_end(filled, matvecs, verify_end, cfg, xp=np))
         kry = run.kry
-        for j in range(first, cfg.m):
+        for j in range(filled, stop):
             kry = _host_step(lin, kry, jnp.asarray(j, jnp.int32))
-        run = _end_jit(run._replace(kry=kry), cfg, tol, first)
-        first = cfg.keep
-        if bool(run.done):
+        run = _advance_check_jit(run._replace(kry=kry), jnp.asarray(stop, jnp.int32), cfg, tol)
+        done, matvecs, verify_end = jax.device_get((run.done, run.matvecs, run.verify_end))
+        filled, matvecs, verify_end = stop, int(matvecs), int(verify_end)
+        if bool(done):
             break
     return _finish_jit(run, cfg, tol)

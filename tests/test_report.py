@@ -212,7 +212,10 @@ def test_report_directional_losses_recompute(tiny_report):
         ref = hk.directional_loss(
             lambda p: loss_fn(p, data), params, v, jnp.asarray(alphas, jnp.float32)
         )
-        np.testing.assert_allclose(dl["losses"][i], ref.losses, rtol=2e-4)
+        # The report's curve follows its eigsh vector, this one the dense float64 vector cast
+        # to float32: their ~1e-5 difference grows with alpha (3e-4 at the far end of the grid
+        # on the nnx MLP's point).
+        np.testing.assert_allclose(dl["losses"][i], ref.losses, rtol=1e-3)
         assert dl["alpha_star"][i] == pytest.approx(float(ref.alpha_star), rel=0.1)
         assert dl["eigenvalues"][i] == pytest.approx(evals[j], abs=1e-4 * abs(evals).max())
     assert dl["loss0"] == pytest.approx(float(loss_fn(params, data)), rel=1e-5)

@@ -34,6 +34,9 @@ TEST_PARTS := "tests/test_[a-k]*.py" "tests/test_[l-r]*.py" "tests/test_[s-z]*.p
 
 # The parts run side by side: the suite is dominated by single-threaded XLA compiles, so on two
 # cores they finish in about the time of the longest part. Each part's log is printed whole.
+# OpenBLAS's own threads (the solvers' small eigh) would fight XLA's and the other parts': an
+# eigh of size 100 took 29-176 ms with them under load and 0.7 ms without.
+test: export OPENBLAS_NUM_THREADS = 1
 test: $(STAMP_TEST)
 	$(PY) -m ruff check hesskit tests benchmarks
 	$(PY) -m ruff format --check hesskit tests benchmarks

@@ -409,8 +409,18 @@ def orthogonalize_filled(
         c = jnp.where((idx >= b * size) & (idx < filled), c, 0.0).astype(c.dtype)
         return tree_sub(w, tree_matvec(rows, c)), h.at[idx].add(c.astype(h.dtype))
 
-    num_blocks = (filled + size - 1) // size
-    return jax.lax.fori_loop(0, num_blocks, block, (w, jnp.zeros((m,), dtype)))
+    def blocked(w):
+        num_blocks = (filled + size - 1) // size
+        return jax.lax.fori_loop(0, num_blocks, block, (w, jnp.zeros((m,), dtype)))
+
+    def whole(w):
+        c = _masked(tree_rmatvec(basis, w), filled)
+        return tree_sub(w, tree_matvec(basis, c)), c.astype(dtype)
+
+    # Each block is sliced out (a copy), so past about half the rows one masked product with
+    # the whole basis is faster (measured on the digits MLP's 160-row basis: blocked 0.7 ms at
+    # 20 rows and 5.5 ms at 140, whole 3.6 ms at any fill).
+    return jax.lax.cond(2 * filled > m, whole, blocked, w)
 
 
 def _row(stack: PyTree, i: Any) -> PyTree:

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP_TEST := $(VENV)/.stamp-test
 STAMP_DEMO := $(VENV)/.stamp-demo
 
-.PHONY: demo test test-fast test-min check-wheel lint format bench bench-quick clean docs
+.PHONY: demo test test-slow test-fast test-min check-wheel lint format bench bench-quick clean docs
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,31 +23,21 @@ $(STAMP_DEMO): pyproject.toml | $(PY)
 demo: $(STAMP_DEMO)
 	$(PY) -m hesskit report $(ARGS)
 
-# The suite runs in three processes: one process compiling every test's programs (several
-# hundred XLA:CPU executables) crashed twice inside XLA's compiler late in the run, while each
-# part passes on its own.
-# A part may start with environment assignments (NAME=value). The fourth part runs a fast subset
-# with x64 off, jax's default and most users' setting (tests/conftest.py skips float64 cases).
-X64_OFF_TESTS := tests/test_tree.py tests/test_operators.py
-TEST_PARTS := "tests/test_[a-k]*.py" "tests/test_[l-r]*.py" "tests/test_[s-z]*.py hesskit" \
-	"HESSKIT_TEST_X64=0 -mnot(slow) $(X64_OFF_TESTS)"
-
-# The parts run side by side: the suite is dominated by single-threaded XLA compiles, so on two
-# cores they finish in about the time of the longest part. Each part's log is printed whole.
-# OpenBLAS's own threads (the solvers' small eigh) would fight XLA's and the other parts': an
+# tests/run_suite.py runs one pytest process per test file, three at a time, plus the doctests
+# and a fast subset with x64 off: one process compiling the whole suite's programs crashed
+# inside XLA's compiler late in the run, and the suite is dominated by single-threaded compiles.
+# OpenBLAS's own threads (the solvers' small eigh) would fight XLA's and the other jobs': an
 # eigh of size 100 took 29-176 ms with them under load and 0.7 ms without.
 test: export OPENBLAS_NUM_THREADS = 1
 test: $(STAMP_TEST)
 	$(PY) -m ruff check hesskit tests benchmarks
 	$(PY) -m ruff format --check hesskit tests benchmarks
-	@mkdir -p .test-logs; i=0; pids=""; \
-	for part in $(TEST_PARTS); do i=$$((i+1)); set -- $$part; envs=""; \
-	  while case "$${1-}" in [A-Z]*=*) true;; *) false;; esac; do envs="$$envs $$1"; shift; done; \
-	  env $$envs $(PY) -m pytest -q -p no:cacheprovider "$$@" > .test-logs/part$$i.log 2>&1 & \
-	  pids="$$pids $$!"; \
-	done; status=0; i=0; \
-	for pid in $$pids; do i=$$((i+1)); wait $$pid || status=1; \
-	  echo "== test part $$i"; cat .test-logs/part$$i.log; done; exit $$status
+	$(PY) tests/run_suite.py
+
+# Everything, the tests marked slow too (about 30 minutes on two cores).
+test-slow: export OPENBLAS_NUM_THREADS = 1
+test-slow: $(STAMP_TEST)
+	$(PY) tests/run_suite.py --all
 
 # Build the sdist and wheel, install the wheel alone outside the repository, run eigsh from it.
 check-wheel: $(STAMP_TEST)
@@ -85,6 +75,7 @@ format: $(STAMP_TEST)
 bench: $(STAMP_TEST)
 	$(PY) benchmarks/hvp.py
 	$(PY) benchmarks/eigs.py
+	$(PY) benchmarks/eigs_outside.py
 	$(PY) benchmarks/optimizers.py
 	$(PY) benchmarks/scale.py
 
@@ -93,4 +84,4 @@ docs: $(STAMP_TEST)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 clean:
-	rm -rf $(VENV) $(VENV_MIN) .pytest_cache .ruff_cache .test-logs
+	rm -rf $(VENV) $(VENV_MIN) .pytest_cache .ruff_cache

@@ -120,13 +120,14 @@ def lanczos_vectors(num_iters: int, *, block_rows: int = 0) -> int:
     return _positive(num_iters, "num_iters") + LANCZOS_EXTRA + int(block_rows)
 
 
-def slq_vectors(num_iters: int, batch_size: int = 1) -> int:
+def slq_vectors(num_iters: int, batch_size: int = 1, *, block_rows: int = 0) -> int:
     """Peak vectors of :func:`hesskit.spectral_density`: ``batch_size * lanczos_vectors``.
 
     Runs go one batch at a time, so the count does not depend on ``num_runs``; each run of a
-    batch holds its own basis of ``num_iters`` vectors.
+    batch holds its own basis of ``num_iters`` vectors and Gram-Schmidt block (``block_rows``).
     """
-    return _positive(batch_size, "batch_size") * lanczos_vectors(num_iters)
+    batch_size = _positive(batch_size, "batch_size")
+    return batch_size * lanczos_vectors(num_iters, block_rows=block_rows)
 
 
 def hutchinson_vectors(chunk_size: int) -> int:

@@ -145,7 +145,9 @@ def spectral_density(
     if sigma is not None:
         validation.check_positive(sigma, "sigma")
     memory.check_fits(
-        memory.slq_vectors(num_iters, batch_size),
+        memory.slq_vectors(
+            num_iters, batch_size, block_rows=krylov.block_copy_rows(op.like, num_iters)
+        ),
         op.like,
         f"spectral_density(num_iters={num_iters}, batch_size={batch_size})",
         reduce="a smaller batch_size (1 runs one run at a time) or fewer num_iters",

@@ -358,7 +358,8 @@ def rows_per_block(like: PyTree, m: int) -> int:
         return m
     leaves = jax.tree_util.tree_leaves(like)
     row_bytes = sum(
-        int(np.prod(jnp.shape(x))) * jnp.dtype(_krylov_leaf_dtype(jnp.result_type(x))).itemsize
+        int(np.prod(np.shape(x) if not hasattr(x, "shape") else x.shape))
+        * jnp.dtype(_krylov_leaf_dtype(jnp.result_type(x))).itemsize
         for x in leaves
     )
     return int(min(m, max(1, _CPU_BLOCK_BYTES // max(row_bytes, 1))))

@@ -180,10 +180,10 @@ def orthogonalize(
 ) -> tuple[PyTree, jax.Array]:
     """Remove from ``w`` its components along the rows of a stacked orthonormal ``basis``.
 
-    Two passes of classical Gram-Schmidt ("twice is enough", Giraud et al. 2005) keep a basis
-    orthonormal to working precision in float32; each pass is one batched product with the
-    basis. ``num_rows`` (static) limits the work to the first rows; ``filled`` (traced) masks
-    the coefficients of the rows at and past it, so stale rows left by a restart are ignored.
+    Two passes of :func:`orthogonalize_filled` ("twice is enough", Giraud et al. 2005) keep a
+    basis orthonormal to working precision in float32. ``num_rows`` (static) limits the work
+    to the first rows; ``filled`` (traced) masks the coefficients of the rows at and past it,
+    so stale rows left by a restart are ignored.
 
     Args:
         basis: a pytree whose leaves carry a leading axis ``m`` of orthonormal rows.
@@ -196,15 +196,12 @@ def orthogonalize(
         passes, which form the new column of ``Q^T A Q`` when ``w = A q``.
     """
     rows = _rows(basis, num_rows)
-    # Stacks may hold each row flattened (the solvers' stacks do: see init_state) or shaped
-    # like the vector; the reshapes are free either way.
-    flat = jax.tree_util.tree_map(lambda b, a: a.reshape(b.shape[1:]), rows, w)
+    count = jax.tree_util.tree_leaves(rows)[0].shape[0] if filled is None else filled
     h = None
     for _ in range(2):
-        c = _masked(tree_rmatvec(rows, flat), filled)
-        flat = tree_sub(flat, tree_matvec(rows, c))
+        w, c = orthogonalize_filled(rows, w, count)
         h = c if h is None else h + c
-    return jax.tree_util.tree_map(lambda f, a: f.reshape(a.shape), flat, w), h
+    return w, h
 
 
 def random_orthogonal(
@@ -393,9 +390,13 @@ def orthogonalize_filled(
     m = jax.tree_util.tree_leaves(basis)[0].shape[0]
     size = block_rows(basis) if rows_per_block is None else int(rows_per_block)
     dtype = krylov_dtype(w)
-    if size >= m:
+
+    def whole(w):
         c = _masked(tree_rmatvec(basis, w), filled)
         return tree_sub(w, tree_matvec(basis, c)), c.astype(dtype)
+
+    if size >= m or (isinstance(filled, int) and 2 * filled > m):
+        return whole(w)
 
     def block(b, carry):
         w, h = carry
@@ -413,10 +414,6 @@ def orthogonalize_filled(
     def blocked(w):
         num_blocks = (filled + size - 1) // size
         return jax.lax.fori_loop(0, num_blocks, block, (w, jnp.zeros((m,), dtype)))
-
-    def whole(w):
-        c = _masked(tree_rmatvec(basis, w), filled)
-        return tree_sub(w, tree_matvec(basis, c)), c.astype(dtype)
 
     # Each block is sliced out (a copy), so past about half the rows one masked product with
     # the whole basis is faster (measured on the digits MLP's 160-row basis: blocked 0.7 ms at
@@ -483,8 +480,7 @@ def lanczos_step(
     after = tree_norm(w)
 
     def again(w):
-        w2, c2 = orthogonalize_filled(basis, w, j + 1)
-        return w2, c2
+        return orthogonalize_filled(basis, w, j + 1)
 
     w, c2 = jax.lax.cond(after < 0.7071 * before, again, lambda w: (w, jnp.zeros_like(c)), w)
     idx = jnp.arange(m)

@@ -114,7 +114,7 @@ def eigsh(
     vectors for SA(3) by default (:func:`hesskit._src.memory.eigsh_vectors`), 1.4 GB at 1M
     float32 parameters. The trade-off is products
     against memory: a smaller ``krylov_dim`` restarts sooner and takes more products (SA(3)
-    on the digits MLP: 173-180 at the default 160, 401-420 at 40).
+    on the digits MLP: 173-180 at the default 160; one unrestarted run needs 150-210).
     ``return_eigenvectors=False`` holds a few vectors only, however many products it takes.
 
     Args:

@@ -47,15 +47,16 @@ check-wheel: $(STAMP_TEST)
 # separate venv, hesskit installed without dependencies, and a fast subset of the suite.
 VENV_MIN := .venv-min
 MIN_TESTS := tests/test_tree.py tests/test_operators.py tests/test_eigensolvers.py \
-	tests/test_saddle_transforms.py
+	tests/test_saddle_transforms.py tests/test_model_state.py tests/test_frameworks.py \
+	tests/test_slq.py tests/test_newton.py tests/test_package.py
 MIN_PINS = $$($(PYTHON) -c 'import tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))\
 	["project"]["dependencies"]; print(" ".join(d.replace(">=", "==") for d in deps))')
 test-min:
 	test -x $(VENV_MIN)/bin/python || $(PYTHON) -m venv $(VENV_MIN)
 	$(VENV_MIN)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV_MIN)/bin/python -m pip install --quiet $(MIN_PINS) pytest hypothesis scipy
+	$(VENV_MIN)/bin/python -m pip install --quiet $(MIN_PINS) pytest hypothesis scipy scikit-learn equinox
 	$(VENV_MIN)/bin/python -m pip install --quiet --no-deps -e .
-	$(VENV_MIN)/bin/python -m pip list 2>/dev/null | grep -E '^(jax|jaxlib|optax|flax|numpy) '
+	$(VENV_MIN)/bin/python -m pip list 2>/dev/null | grep -E '^(jax|jaxlib|optax|flax|numpy|equinox) '
 	# Old jax deprecates calls that newer versions accept (jnp.shape of a ShapeDtypeStruct): here
 	# deprecation warnings are shown, not raised as errors as in make test.
 	$(VENV_MIN)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" \

@@ -16,6 +16,9 @@ data arguments of the operator, so a new batch or key reuses the compiled produc
 Every product is checked against ``jax.hessian`` of the same loss on a 26-parameter model.
 """
 
+import functools
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +27,13 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 import hesskit as hk
+
+# flax >= 0.11 reuses the state's Variables in nnx.merge unless copy=True; older nnx always made
+# new ones and has no such argument. The library's lower bound is flax 0.10, so both are tested.
+if "copy" in inspect.signature(nnx.merge).parameters:
+    merge_fresh = functools.partial(nnx.merge, copy=True)
+else:
+    merge_fresh = nnx.merge
 
 # Float64 where x64 is on (the default of the suite), float32 where it is off.
 WIDE = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
@@ -42,19 +52,28 @@ class Net(nnx.Module):
     def __call__(self, x, *, train: bool, key=None):
         h = jnp.tanh(self.bn(self.l1(x), use_running_average=not train))
         if train:
-            h = self.drop(h, deterministic=False, rngs=key)
+            h = self.drop(h, deterministic=False, rngs=nnx.Rngs(dropout=key))
         return self.l2(h)
 
 
 def setup(dtype=WIDE):
-    model = Net(nnx.Rngs(0))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(Net(nnx.Rngs(0)), nnx.Param, ...)
     params = jax.tree.map(lambda a: a.astype(dtype), params)
-    # Non-trivial running statistics, so eval mode differs from train mode.
-    rest = jax.tree.map(lambda a: a.astype(dtype), rest)
-    rest["bn"]["mean"][...] = jnp.linspace(-0.2, 0.3, 4, dtype=dtype)
-    rest["bn"]["var"][...] = jnp.linspace(0.5, 1.5, 4, dtype=dtype)
+    # Non-trivial running statistics, so eval mode differs from train mode. Mapped over the
+    # leaves: nnx's ways of assigning into a variable differ between the flax versions tested.
+    stats = {"mean": jnp.linspace(-0.2, 0.3, 4), "var": jnp.linspace(0.5, 1.5, 4)}
+
+    def with_stats(path, a):
+        names = [getattr(k, "key", None) for k in path]
+        return next((stats[n] for n in names if n in stats), a).astype(dtype)
+
+    rest = jax.tree_util.tree_map_with_path(with_stats, rest)
     return graphdef, params, rest
+
+
+def leaf(variable):
+    """The array of an nnx variable (a ``Variable`` or an older ``VariableState``)."""
+    return jax.tree.leaves(variable)[0]
 
 
 def batch_at(seed, dtype=WIDE):
@@ -92,7 +111,7 @@ class TrainLoss:
         x, y = batch
         # Train-mode BatchNorm writes its statistics: copy=True makes fresh Variables in the
         # current trace (writing to ones made outside it raises flax's TraceContextError).
-        model = nnx.merge(GRAPHDEF, params, rest, copy=True)
+        model = merge_fresh(GRAPHDEF, params, rest)
         out = model(x, train=True, key=key)
         new_rest = nnx.split(model, nnx.Param, ...)[2]
         return 0.5 * jnp.mean(jnp.sum((out - y) ** 2, axis=-1)), new_rest
@@ -127,10 +146,10 @@ def test_train_mode_hessian_with_dropout_key_and_aux_statistics():
     # aux: the running statistics after one momentum update toward this batch's moments.
     new_rest = op.aux()
     x = batch[0]
-    pre = x @ params["l1"]["kernel"][...] + params["l1"]["bias"][...]
+    pre = x @ leaf(params["l1"]["kernel"]) + leaf(params["l1"]["bias"])
     np.testing.assert_allclose(
-        new_rest["bn"]["mean"][...],
-        0.9 * rest["bn"]["mean"][...] + 0.1 * pre.mean(0),
+        leaf(new_rest["bn"]["mean"]),
+        0.9 * leaf(rest["bn"]["mean"]) + 0.1 * pre.mean(0),
         rtol=RTOL,
     )
     # The same key gives the same mask (the same Hessian); another key another mask.

@@ -190,7 +190,9 @@ def test_report_spectra_match_dense(tiny_report):
     assert fin["damping_for_pd"] == pytest.approx(-evals[0], rel=1e-3)
     assert fin["max_stable_lr"] == pytest.approx(2 / evals[-1], rel=1e-3)
     d = fin["density"]
-    assert np.trapezoid(d["density"], d["grid"]) == pytest.approx(1.0, abs=1e-3)
+    assert float(jnp.trapezoid(jnp.asarray(d["density"]), jnp.asarray(d["grid"]))) == pytest.approx(
+        1.0, abs=1e-3
+    )
 
 
 def test_report_directional_losses_recompute(tiny_report):

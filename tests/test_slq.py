@@ -63,7 +63,7 @@ def test_mass_placement_matches_the_eigh_histogram():
     grid, phi = np.asarray(dens.grid), np.asarray(dens.density)
     for (lo, hi), expected in zip([(-3, -1), (-1, 3), (3, 6)], ref / eigs.size, strict=True):
         inside = (grid >= lo) & (grid <= hi)
-        mass = np.trapezoid(phi[inside], grid[inside])
+        mass = jnp.trapezoid(phi[inside], grid[inside])
         node_mass = np.mean(np.sum(np.asarray(dens.weights) * inside_of(dens.nodes, lo, hi), 1))
         # Per run a cluster's weight is v^T P v with std sqrt(2 p (1 - p) / d) ~ 0.1; over
         # 8 runs ~0.035, so 0.12 is 3.5 standard deviations and far from a misplaced cluster.
@@ -145,7 +145,7 @@ def test_user_grid_sigma_jit_and_vmap_over_keys():
     z = (x[:, None] - eigs) / 0.5
     exact = np.mean(np.exp(-0.5 * z**2), axis=1) / (0.5 * np.sqrt(2 * np.pi))
     pooled = np.mean(np.asarray(dens.density, np.float64), axis=0)
-    assert np.trapezoid(np.abs(pooled - exact), x) < 0.12
+    assert jnp.trapezoid(np.abs(pooled - exact), x) < 0.12
     # Different keys, different runs.
     assert not np.allclose(dens.nodes[0], dens.nodes[1])
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -24,6 +25,8 @@ import numpy as np
 
 from hesskit._src.tree import (
     _HIGHEST,
+    leaf_sharding,
+    stacked_sharding,
     tree_matvec,
     tree_norm,
     tree_normalize,
@@ -43,6 +46,7 @@ __all__ = [
     "PRECISION_FLOOR",
     "Status",
     "cast_like",
+    "check_devices",
     "default_tol",
     "krylov_dtype",
     "init_state",
@@ -65,6 +69,7 @@ __all__ = [
     "rotate_rows",
     "to_krylov",
     "unflatten_rows",
+    "vector_like",
 ]
 
 
@@ -96,11 +101,80 @@ def _krylov_leaf_dtype(dtype: Any) -> jnp.dtype:
     return jnp.promote_types(jnp.dtype(dtype), jnp.float32)
 
 
+def _struct(s: Any, dtype: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(jnp.shape(s), dtype, sharding=leaf_sharding(s))
+
+
 def krylov_like(like: PyTree) -> PyTree:
-    """``like`` as :class:`jax.ShapeDtypeStruct` leaves in Krylov precision (float32 or wider)."""
+    """``like`` as :class:`jax.ShapeDtypeStruct` leaves in Krylov precision (float32 or wider).
+
+    Leaves on a mesh with ``Explicit`` axes keep their sharding.
+    """
     return jax.tree_util.tree_map(
-        lambda s: jax.ShapeDtypeStruct(jnp.shape(s), _krylov_leaf_dtype(jnp.result_type(s))),
-        like,
+        lambda s: _struct(s, _krylov_leaf_dtype(jnp.result_type(s))), like
+    )
+
+
+def _devices_of(x: Any) -> tuple[int, ...] | None:
+    sharding = getattr(x, "sharding", None)
+    if isinstance(x, jax.core.Tracer) or sharding is None or not getattr(x, "committed", True):
+        return None
+    try:
+        return tuple(d.id for d in sharding._device_assignment)
+    except AttributeError:
+        return None
+
+
+def _leaf_name(path: str) -> str:
+    # "[<flat index 0>][<flat index 1>]['params']['w']" -> "params['w']"
+    path = re.sub(r"\[<flat index \d+>\]", "", path)
+    return re.sub(r"^\['([^']*)'\]", r"\1", path) or "an array"
+
+
+def check_devices(op: Any, name: str = "op") -> None:
+    """Raise a clear error when the operator's arrays cannot meet in one computation.
+
+    Parameters and operator arguments (data) placed on meshes over different devices (or the
+    same devices in another order) cannot be combined by one compiled program.
+
+    Raises:
+        ValueError: naming two arrays that sit on different device assignments.
+    """
+    seen: dict[tuple[int, ...], str] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(op)[0]:
+        devices = _devices_of(leaf)
+        if devices is None:
+            continue
+        where = _leaf_name(jax.tree_util.keystr(path))
+        if seen and devices not in seen:
+            (other, first), *_ = seen.items()
+            msg = (
+                f"{name}'s arrays live on meshes that cannot be combined: {first} is on devices "
+                f"{list(other)} and {where} (shape {jnp.shape(leaf)}) on devices "
+                f"{list(devices)}. Put the parameters and the operator's arguments (data) on "
+                "one mesh, e.g. jax.device_put(x, NamedSharding(mesh, P('data'))) with the "
+                "parameters' mesh."
+            )
+            raise ValueError(msg)
+        seen.setdefault(devices, where)
+
+
+def vector_like(op: Any) -> PyTree:
+    """The operator's vectors as :class:`jax.ShapeDtypeStruct` leaves, with their shardings.
+
+    ``op.like`` holds shapes and dtypes only. When the operator's arrays live on a mesh with
+    ``Explicit`` axes, every vector a solver makes (probes, stacks) must carry the sharding of
+    the products, which is read off an abstract evaluation of one product (no computation).
+    Under ``Auto`` axes XLA propagates the products' sharding and ``op.like`` is returned.
+    """
+    if not any(leaf_sharding(x) is not None for x in jax.tree_util.tree_leaves(op)):
+        return op.like
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), op.like)
+    out = jax.eval_shape(op, zeros)
+    return jax.tree_util.tree_map(
+        lambda o, s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=leaf_sharding(o)),
+        out,
+        op.like,
     )
 
 
@@ -216,10 +290,8 @@ def random_orthogonal(
     ``like`` gives the vector's leaf shapes when the stack holds flattened rows.
     """
     if like is None:
-        like = jax.tree_util.tree_map(lambda b: jax.ShapeDtypeStruct(b.shape[1:], b.dtype), basis)
-    like = jax.tree_util.tree_map(
-        lambda s: jax.ShapeDtypeStruct(jnp.shape(s), _krylov_leaf_dtype(jnp.result_type(s))), like
-    )
+        like = jax.tree_util.tree_map(lambda b: b[0], basis)
+    like = krylov_like(like)
     fresh = tree_random_sphere(key, like)
     fresh, _ = orthogonalize(basis, fresh, filled=filled)
     return tree_normalize(fresh)[0]
@@ -241,22 +313,40 @@ def _rotate_leaf(leaf: jax.Array, coeffs: jax.Array, num_blocks: int) -> jax.Arr
     # into the same buffer, so a restart needs a block of temporary rows, not a third stack.
     r = coeffs.shape[0]
     c = coeffs.astype(leaf.dtype)
-    if leaf.ndim < 2 or leaf.shape[1] < 2 * num_blocks:
+    axis = _block_axis(leaf, num_blocks)
+    if axis is None:
         return leaf.at[:r].set(jnp.tensordot(c, leaf, axes=1, precision=_HIGHEST))
-    width = leaf.shape[1] // num_blocks
+    width = leaf.shape[axis] // num_blocks
 
     def block(i, buf):
         start = i * width
-        cols = jax.lax.dynamic_slice_in_dim(buf, start, width, axis=1)
+        cols = jax.lax.dynamic_slice_in_dim(buf, start, width, axis=axis)
         new = jnp.tensordot(c, cols, axes=1, precision=_HIGHEST)
-        return jax.lax.dynamic_update_slice_in_dim(buf, new, start, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(buf, new, start, axis=axis)
 
     out = jax.lax.fori_loop(0, num_blocks, block, leaf)
     tail = num_blocks * width
-    if tail < leaf.shape[1]:
-        cols = out[:, tail:]
-        out = out.at[:r, tail:].set(jnp.tensordot(c, cols, axes=1, precision=_HIGHEST))
+    if tail < leaf.shape[axis]:
+        cols = jax.lax.slice_in_dim(out, tail, leaf.shape[axis], axis=axis)
+        new = jnp.tensordot(c, cols, axes=1, precision=_HIGHEST)
+        out = jax.lax.dynamic_update_slice_in_dim(out, new, tail, axis=axis)
     return out
+
+
+def _block_axis(leaf: jax.Array, num_blocks: int) -> int | None:
+    # The axis a restart's rotation walks in blocks: one the stack is not sharded along, since
+    # a dynamic slice of a sharded axis gathers it. Under Auto axes the sharding is not known
+    # while tracing, so on more than one device the rotation runs in one piece (a temporary
+    # of r rows, sharded like the basis).
+    sharding = leaf_sharding(leaf)
+    if sharding is None and jax.device_count() > 1:
+        return None
+    spec = () if sharding is None else tuple(sharding.spec)
+    for axis in range(1, leaf.ndim):
+        unsharded = axis >= len(spec) or spec[axis] is None
+        if unsharded and leaf.shape[axis] >= 2 * num_blocks:
+            return axis
+    return None
 
 
 def rotate_rows(stack: PyTree, coeffs: jax.Array, *, num_blocks: int = 8) -> PyTree:
@@ -317,7 +407,8 @@ def init_state(
         # Rows keep their leaf's shape, so the stacks keep the parameters' sharding on their
         # non-leading axes. (Flattened rows avoided a copy of the stacks XLA:CPU makes per step
         # for leaves of several dimensions, but lost the sharding: tests/test_sharding.py.)
-        return jnp.zeros((m, *a.shape), a.dtype if storage_dtype is None else storage_dtype)
+        dtype = a.dtype if storage_dtype is None else storage_dtype
+        return jnp.zeros((m, *a.shape), dtype, out_sharding=stacked_sharding(a))
 
     zeros = jax.tree_util.tree_map(stack, q0)
     return KrylovState(

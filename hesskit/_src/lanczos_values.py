@@ -464,6 +464,7 @@ def eigvalsh_lanczos(
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k < dim:
         msg = f"k must be an int with 1 <= k < dim = {dim}, got {k!r}."
         raise ValueError(msg)
+    krylov.check_devices(op)
     validation.check_one_of(which, "which", WHICH)
     max_matvecs = validation.check_positive_int(max_matvecs, "max_matvecs", minimum=2)
     check_every = validation.check_positive_int(check_every, "check_every")
@@ -513,7 +514,9 @@ def _eigvalsh_lanczos(
     # 0.15 of its eps), the default tolerance there.
     copy_eps = max(_MULTOL_FACTOR * float(eps), 4 * floor)
     n = max_matvecs
-    start = tree_random_sphere(key, krylov.krylov_like(op.like)) if v0 is None else v0
+    start = (
+        tree_random_sphere(key, krylov.krylov_like(krylov.vector_like(op))) if v0 is None else v0
+    )
     q0, norm0 = tree_normalize(krylov.to_krylov(start))
     zero = jax.tree_util.tree_map(jnp.zeros_like, q0)
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from hesskit._src import validation
+from hesskit._src.krylov import check_devices
 from hesskit._src.operators import LinearOperator
 from hesskit._src.tree import tree_axpy, tree_norm, tree_scale, tree_sub, tree_vdot
 
@@ -139,6 +140,7 @@ def solve(
         J. Numer. Anal. 12(4), 1975.
         Nocedal and Wright, *Numerical Optimization*, 2nd ed., Springer 2006, chapter 7.
     """
+    check_devices(op)
     method = validation.check_one_of(method, "method", METHODS)
     validation.check_positive(tol, "tol")
     if max_iters is None:

@@ -69,6 +69,7 @@ def power_iteration(
         >>> round(float(top.eigenvalues[0]), 3), round(float(low.eigenvalues[0]), 3)
         (10.0, -3.0)
     """
+    krylov.check_devices(op)
     num_iters = validation.check_positive_int(num_iters, "num_iters")
     validation.check_positive(tol, "tol")
     if v0 is not None:
@@ -105,7 +106,7 @@ def _measure(apply, v) -> tuple[PyTree, jax.Array, jax.Array]:
 
 
 def _start(op, key, v0) -> _State:
-    klike = krylov.krylov_like(op.like)
+    klike = krylov.krylov_like(krylov.vector_like(op))
     start = tree_random_sphere(key, klike) if v0 is None else krylov.to_krylov(v0)
     v, _ = tree_normalize(start)
     av, lam, res = _measure(krylov.product(op), v)

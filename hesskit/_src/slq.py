@@ -136,6 +136,7 @@ def spectral_density(
         Yao, Gholami, Keutzer and Mahoney, *PyHessian: neural networks through the lens of the
         Hessian*, IEEE Big Data 2020.
     """
+    krylov.check_devices(op)
     num_runs = validation.check_positive_int(num_runs, "num_runs")
     num_iters = validation.check_positive_int(num_iters, "num_iters")
     if num_iters > op.dim:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from hesskit._src import krylov, memory, validation
 from hesskit._src.operators import LinearOperator
 from hesskit._src.tree import (
+    stacked_sharding,
     tree_add,
     tree_matvec,
     tree_norm,
@@ -27,6 +28,7 @@ from hesskit._src.tree import (
     tree_scale,
     tree_sub,
     tree_vdot,
+    tree_zeros_like,
 )
 
 PyTree = Any
@@ -212,6 +214,7 @@ def trace(
         Meyer, Musco, Musco and Woodruff, *Hutch++: optimal stochastic trace estimation*,
         SOSA 2021.
     """
+    krylov.check_devices(op)
     method = validation.check_one_of(method, "method", TRACE_METHODS)
     minimum = 3 if method == "hutch++" else 1
     num_probes = validation.check_positive_int(num_probes, "num_probes", minimum=minimum)
@@ -257,7 +260,7 @@ def _orthonormal_rows(basis: PyTree, rows: PyTree, at: jax.Array) -> PyTree:
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
 def _trace(op: LinearOperator, key: jax.Array, n: int, method: str, chunk: int) -> Estimate:
     apply = krylov.product(op.linearize())
-    like = krylov.krylov_like(op.like)
+    like = krylov.krylov_like(krylov.vector_like(op))
     num = jnp.asarray(n, jnp.int32)
     if method == "hutchinson":
         samples = _quadratic_samples(apply, like, jax.random.split(key, n), chunk)
@@ -273,7 +276,9 @@ def _trace(op: LinearOperator, key: jax.Array, n: int, method: str, chunk: int) 
         images = _batched(lambda kk: apply(tree_random_rademacher(kk, like)), ks)
         return _orthonormal_rows(basis, images, idx)
 
-    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros((k, *s.shape), s.dtype), like)
+    zeros = jax.tree_util.tree_map(
+        lambda s: jnp.zeros((k, *s.shape), s.dtype, out_sharding=stacked_sharding(s)), like
+    )
     sketch_chunk = min(chunk, k)
     basis = _fold_chunks(sketch, zeros, (jnp.arange(k), jax.random.split(key_s, k)), sketch_chunk)
 
@@ -339,6 +344,7 @@ def diagonal(
         Bekas, Kokiopoulou and Saad, *An estimator for the diagonal of a matrix*, Applied
         Numerical Mathematics 57(11-12), 2007.
     """
+    krylov.check_devices(op)
     num_probes = validation.check_positive_int(num_probes, "num_probes")
     chunk = min(validation.check_positive_int(chunk_size, "chunk_size"), num_probes)
     memory.check_fits(
@@ -353,7 +359,7 @@ def diagonal(
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _diagonal(op: LinearOperator, key: jax.Array, n: int, chunk: int) -> PyTree:
     apply = krylov.product(op.linearize())
-    like = krylov.krylov_like(op.like)
+    like = krylov.krylov_like(krylov.vector_like(op))
 
     def product(key: jax.Array) -> PyTree:
         z = tree_random_rademacher(key, like)
@@ -363,6 +369,5 @@ def _diagonal(op: LinearOperator, key: jax.Array, n: int, chunk: int) -> PyTree:
         part = jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), _batched(product, ks))
         return tree_add(total, part)
 
-    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), like)
-    total = _fold_chunks(body, zeros, jax.random.split(key, n), chunk)
+    total = _fold_chunks(body, tree_zeros_like(like), jax.random.split(key, n), chunk)
     return krylov.cast_like(tree_scale(1.0 / n, total), op.like)

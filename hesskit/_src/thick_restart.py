@@ -174,6 +174,7 @@ def eigsh(
         msg = f"k must be an int with 1 <= k < dim = {dim}, got {k!r}."
         raise ValueError(msg)
     k = int(k)
+    krylov.check_devices(op)
     validation.check_one_of(which, "which", WHICH)
     if max_matvecs is not None:
         max_matvecs = validation.check_positive_int(max_matvecs, "max_matvecs")
@@ -263,7 +264,7 @@ class _Run(NamedTuple):
 
 def _init(op: LinearOperator, key: jax.Array, v0: PyTree | None, cfg: _Config) -> _Run:
     key, start_key = jax.random.split(key)
-    klike = krylov.krylov_like(op.like)
+    klike = krylov.krylov_like(krylov.vector_like(op))
     start = tree_random_sphere(start_key, klike) if v0 is None else krylov.to_krylov(v0)
     q0, _ = tree_normalize(start)
     kry = krylov.init_state(q0, key, cfg.m, with_images=True, storage_dtype=cfg.basis_dtype)

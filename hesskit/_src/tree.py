@@ -3,6 +3,12 @@
 Every helper here treats a pytree of arrays as one vector of the concatenated leaves, without
 ever raveling it into a single host array. Reductions accumulate in the leaves' own floating
 dtype (float64 leaves under ``jax_enable_x64`` stay float64).
+
+Sharding: no helper reshapes a leaf, so a sharded leaf stays sharded and every reduction is a
+contraction over the leaf's own axes, which XLA partitions into local sums and one all-reduce
+of the (scalar or ``m``-vector) result; ``jnp.vdot`` ravels its operands, which gathers a leaf
+sharded along any axis but the first. Under ``Explicit`` mesh axes the contractions name their
+replicated output, and stacks and probes take their leaf's sharding (:func:`leaf_sharding`).
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 PyTree = Any
 
@@ -21,6 +29,9 @@ PyTree = Any
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 __all__ = [
+    "leaf_sharding",
+    "replicated_like",
+    "stacked_sharding",
     "tree_add",
     "tree_axpy",
     "tree_dim",
@@ -44,14 +55,67 @@ def _leaves(tree: PyTree) -> list[jax.Array]:
     return jax.tree_util.tree_leaves(tree)
 
 
+def leaf_sharding(x: Any) -> NamedSharding | None:
+    """The :class:`~jax.sharding.NamedSharding` a leaf's values must keep, or ``None``.
+
+    An array (or :class:`jax.ShapeDtypeStruct`) on a mesh with ``Explicit`` axes carries its
+    sharding in its type, and every array built from it must match; under ``Auto`` axes (or
+    without a mesh) XLA propagates shardings itself and ``None`` is returned.
+    """
+    sharding = getattr(x, "sharding", None) if isinstance(x, jax.ShapeDtypeStruct) else None
+    if sharding is None and not isinstance(x, jax.ShapeDtypeStruct):
+        try:
+            sharding = jax.typeof(x).sharding
+        except (TypeError, AttributeError):
+            return None
+    if not isinstance(sharding, NamedSharding):
+        return None
+    if not getattr(sharding.mesh, "_any_axis_explicit", False):
+        return None
+    return sharding
+
+
+def replicated_like(x: Any) -> NamedSharding | None:
+    """A replicated sharding on ``x``'s explicit mesh (for reductions of ``x``), or ``None``."""
+    sharding = leaf_sharding(x)
+    return None if sharding is None else NamedSharding(sharding.mesh, P())
+
+
+def stacked_sharding(x: Any, lead: int = 1) -> NamedSharding | None:
+    """``x``'s explicit sharding with ``lead`` unsharded leading axes added, or ``None``."""
+    sharding = leaf_sharding(x)
+    if sharding is None:
+        return None
+    spec = tuple(sharding.spec) + (None,) * (len(jnp.shape(x)) - len(sharding.spec))
+    return NamedSharding(sharding.mesh, P(*((None,) * lead), *spec))
+
+
+def _place(x: jax.Array, like: Any) -> jax.Array:
+    # Lay a replicated value out in ``like``'s sharding: a local slice, no communication.
+    sharding = leaf_sharding(like)
+    return x if sharding is None else jax.sharding.reshard(x, sharding)
+
+
+def _dot(a: jax.Array, b: jax.Array, axes: int, like: Any) -> jax.Array:
+    # A contraction over ``b``'s own (last ``axes``) axes, no ravel. Under Explicit axes a
+    # contraction over sharded axes must name its output sharding, which ``vmap`` (probes in
+    # batches) cannot carry yet in jax 0.10; a product summed over those axes needs none and
+    # compiles to the same fused reduction and one all-reduce.
+    if leaf_sharding(like) is None:
+        return jnp.tensordot(a, b, axes=axes, precision=_HIGHEST)
+    return jnp.sum(a * b, axis=tuple(range(a.ndim - axes, a.ndim)))
+
+
 def tree_dim(tree: PyTree) -> int:
     """Total number of scalars in ``tree`` (a static Python int)."""
     return int(sum(leaf.size for leaf in _leaves(tree)))
 
 
 def tree_zeros_like(tree: PyTree) -> PyTree:
-    """A pytree of zeros with the structure, shapes and dtypes of ``tree``."""
-    return jax.tree_util.tree_map(jnp.zeros_like, tree)
+    """A pytree of zeros with the structure, shapes, dtypes (and explicit shardings) of ``tree``."""
+    return jax.tree_util.tree_map(
+        lambda s: jnp.zeros(jnp.shape(s), jnp.result_type(s), out_sharding=leaf_sharding(s)), tree
+    )
 
 
 def tree_vdot(x: PyTree, y: PyTree) -> jax.Array:
@@ -69,7 +133,7 @@ def tree_vdot(x: PyTree, y: PyTree) -> jax.Array:
         >>> float(tree_vdot({"a": jnp.ones(3)}, {"a": jnp.arange(3.0)}))
         3.0
     """
-    parts = jax.tree_util.tree_map(lambda a, b: jnp.vdot(a, b, precision=_HIGHEST), x, y)
+    parts = jax.tree_util.tree_map(lambda a, b: _dot(a, b, jnp.ndim(b), b), x, y)
     leaves = _leaves(parts)
     if not leaves:
         return jnp.zeros(())
@@ -119,8 +183,10 @@ def _flat_sample(sampler, key: jax.Array, like: PyTree) -> PyTree:
     flat = sampler(key, (sum(sizes),), dtype)
     out, start = [], 0
     for leaf, size in zip(leaves, sizes, strict=True):
+        # The draw does not depend on the sharding (the same probe on one device and on many);
+        # each device then keeps its own slice of it.
         piece = flat[start : start + size].reshape(jnp.shape(leaf))
-        out.append(piece.astype(jnp.result_type(leaf)))
+        out.append(_place(piece.astype(jnp.result_type(leaf)), leaf))
         start += size
     return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -163,9 +229,7 @@ def tree_unstack(tree: PyTree) -> list[PyTree]:
 
 def tree_rmatvec(basis: PyTree, x: PyTree) -> jax.Array:
     """Coefficients ``Q^T x`` of ``x`` against a stacked basis ``Q`` (leading axis ``m``)."""
-    parts = jax.tree_util.tree_map(
-        lambda q, a: jnp.tensordot(q, a, axes=a.ndim, precision=_HIGHEST), basis, x
-    )
+    parts = jax.tree_util.tree_map(lambda q, a: _dot(q, a, a.ndim, a), basis, x)
     leaves = _leaves(parts)
     return sum(leaves[1:], leaves[0])
 

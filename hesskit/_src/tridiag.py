@@ -84,6 +84,7 @@ def lanczos(
         Lanczos, *An iteration method for the solution of the eigenvalue problem of linear
         differential and integral operators*, J. Res. Nat. Bur. Standards 45, 1950.
     """
+    krylov.check_devices(op)
     num_iters = validation.check_positive_int(num_iters, "num_iters")
     if num_iters > op.dim:
         msg = f"num_iters must be <= the operator's dimension {op.dim}, got {num_iters}."
@@ -103,7 +104,7 @@ class _Carry(NamedTuple):
 
 
 def _start(op: LinearOperator, key: jax.Array, v0: PyTree | None, m: int) -> _Carry:
-    klike = krylov.krylov_like(op.like)
+    klike = krylov.krylov_like(krylov.vector_like(op))
     start = tree_random_sphere(key, klike) if v0 is None else krylov.to_krylov(v0)
     q0, _ = tree_normalize(start)
     kry = krylov.init_state(q0, key, m, with_images=False)

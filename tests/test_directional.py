@@ -57,6 +57,10 @@ def test_negative_direction_on_a_quadratic_has_no_minimum_in_the_grid():
     res = directional_loss(f, jnp.asarray(THETA0), jnp.asarray(V[:, 0]), alphas)
     assert float(res.curvature) == pytest.approx(-0.5)
     assert float(res.alpha_star) == 3.0  # unbounded below: the last grid point wins
+    assert bool(res.at_edge)
+    # Reversed grid: the edge is the largest value, not the last entry.
+    rev = directional_loss(f, jnp.asarray(THETA0), jnp.asarray(V[:, 0]), alphas[::-1])
+    assert float(rev.alpha_star) == 3.0 and bool(rev.at_edge)
     np.testing.assert_allclose(res.losses, res.model, rtol=1e-12)
 
 
@@ -66,7 +70,13 @@ def test_eigen_directional_losses_on_eigsh_pairs():
     eig = hk.eigsh(hk.hessian_operator(f, p), jax.random.key(0), k=3, which="LA")
     alphas = jnp.linspace(0.0, 1.0, 401)
     res = eigen_directional_losses(f, p, eig, alphas)
-    assert res.losses.shape == (3, 401) and res.alphas.shape == (3, 401)
+    assert res.losses.shape == (3, 401) and res.alphas.shape == (401,)
+    np.testing.assert_array_equal(res.alphas, alphas)
+    # Interior minimizers at 1/8, 1/4, 1/2 of a grid ending at 1: none at the edge.
+    assert not np.any(res.at_edge)
+    short = eigen_directional_losses(f, p, eig, jnp.linspace(0.0, 0.3, 31))
+    # The grid ends at 0.3: 1/8 and 1/4 are inside, 1/2 runs off the end.
+    np.testing.assert_array_equal(short.at_edge, [False, False, True])
     assert res.alpha_star.shape == res.loss0.shape == (3,)
     np.testing.assert_allclose(res.curvature, [8.0, 4.0, 2.0], rtol=1e-9)
     np.testing.assert_allclose(res.losses, res.model, rtol=1e-10)

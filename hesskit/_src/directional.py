@@ -128,8 +128,9 @@ def step_check(f: Callable[[PyTree], jax.Array], params: PyTree, lr: Any) -> Ste
 class DirectionalLoss(NamedTuple):
     r"""The loss along :math:`\theta - \alpha (g^\top v) v` on a grid of step sizes.
 
-    When produced by :func:`eigen_directional_losses` every field has an extra leading axis
-    ``k`` (one row per eigenvector; ``loss0`` is then repeated ``k`` times).
+    When produced by :func:`eigen_directional_losses` every field but ``alphas`` has an extra
+    leading axis ``k`` (one row per eigenvector; ``loss0`` is then repeated ``k`` times); the
+    grid is shared, so ``alphas`` stays ``(m,)``.
 
     Attributes:
         alphas: the step sizes :math:`\alpha`, shape ``(m,)``.
@@ -144,6 +145,10 @@ class DirectionalLoss(NamedTuple):
         best_decrease: ``min(losses) - loss0`` (``<= 0`` when the grid holds 0).
         inv_alpha_star: :math:`1/\alpha^*` (``inf`` when :math:`\alpha^* = 0`), to compare with
             :math:`\lambda` as in figure 4 of Alain et al. (2019).
+        at_edge: :math:`\alpha^*` is the largest or the smallest grid point (and not 0): the
+            true minimizer may lie beyond the grid, so ``alpha_star`` and ``best_decrease`` are
+            only bounds. Late in training :math:`g^\top v` can be ~1e-7 and the optimum runs
+            off any fixed grid; widen the grid where this is set.
     """
 
     alphas: jax.Array
@@ -155,6 +160,7 @@ class DirectionalLoss(NamedTuple):
     alpha_star: jax.Array
     best_decrease: jax.Array
     inv_alpha_star: jax.Array
+    at_edge: jax.Array
 
 
 def _mean_loss(f: Callable, params: PyTree, chunks: PyTree | None) -> jax.Array:
@@ -200,6 +206,10 @@ def _along(loss_fn, params, loss0, g, v, alphas, eigenvalue, chunk: int) -> Dire
     i = jnp.argmin(masked)
     alpha_star = alphas[i]
     inv = jnp.where(alpha_star != 0, 1 / jnp.where(alpha_star != 0, alpha_star, 1), jnp.inf)
+    # An unsorted grid is allowed, so the edges are the extreme values, not the end points.
+    at_edge = (alpha_star != 0) & (
+        (alpha_star == jnp.max(alphas)) | (alpha_star == jnp.min(alphas))
+    )
     return DirectionalLoss(
         alphas=alphas,
         losses=losses,
@@ -210,6 +220,7 @@ def _along(loss_fn, params, loss0, g, v, alphas, eigenvalue, chunk: int) -> Dire
         alpha_star=alpha_star,
         best_decrease=masked[i] - loss0,
         inv_alpha_star=inv.astype(dtype),
+        at_edge=at_edge,
     )
 
 
@@ -231,7 +242,9 @@ def _eigen_directional_jit(f, params, vectors, values, alphas, chunks, chunk: in
         v, lam = pair
         return _along(loss_fn, params, loss0, g, v, alphas, lam, chunk)
 
-    return jax.lax.map(one, (vectors, values))
+    res = jax.lax.map(one, (vectors, values))
+    # The grid is shared: one copy, not k.
+    return res._replace(alphas=alphas.astype(loss0.dtype))
 
 
 def _check_alphas(alphas: Any) -> jax.Array:
@@ -379,8 +392,9 @@ def eigen_directional_losses(
         chunk_size: grid points evaluated together, ``>= 1``.
 
     Returns:
-        A :class:`DirectionalLoss` with a leading axis ``k`` on every field: ``alphas`` and
-        ``losses`` of shape ``(k, m)``, the rest of shape ``(k,)``. For
+        A :class:`DirectionalLoss` with a leading axis ``k`` on every field but ``alphas``
+        (the shared grid, shape ``(m,)``): ``losses`` and ``model`` of shape ``(k, m)``, the
+        rest of shape ``(k,)``; check ``at_edge`` before trusting ``alpha_star``. For
         :func:`hesskit.plots.plot_directional_loss` pass ``loss0=res.loss0[0]``, and for
         :func:`hesskit.plots.plot_step_sizes` pass ``eig_result.eigenvalues``,
         ``res.best_decrease`` and ``res.alpha_star``.

@@ -106,3 +106,30 @@ def test_bad_input():
         compare_spectra(a, _result([1.0, 2.0, 3.0], _tree(q, jnp.float64)))
     with pytest.raises(ValueError, match="shape"):
         compare_spectra(a, _result(jnp.ones((2, 2)), _tree(q, jnp.float64)))
+
+
+def test_cluster_angles_are_gap_aware():
+    # b: eigenvalues 5.0, 4.9, 4.85 (one cluster at rtol 0.1) and 1.0 (isolated). a rotates the
+    # first three eigenvectors by 45 degrees among themselves and tilts the isolated one by a
+    # known angle out of the span: single-vector angles inside the cluster are large but the
+    # cluster's subspace is the same, so its angle is 0; the isolated angle is the tilt.
+    n = 12
+    q = random_orthogonal(n, seed=3)
+    b_vec = q[:, :4]
+    c = 2**-0.5
+    rot = np.array([[c, -c, 0], [c, c, 0], [0, 0, 1]])
+    tilt = 0.3
+    a_vec = np.column_stack([b_vec[:, :3] @ rot, np.cos(tilt) * q[:, 3] + np.sin(tilt) * q[:, 4]])
+    vals = np.array([5.0, 4.9, 4.85, 1.0])
+    a = _result(jnp.asarray(vals * 1.01), _tree(a_vec, jnp.float64))
+    b = _result(jnp.asarray(vals), _tree(b_vec, jnp.float64))
+    cmp = compare_spectra(a, b)
+    np.testing.assert_array_equal(cmp.cluster_index, [1, 1, 1, 0])
+    np.testing.assert_allclose(cmp.cluster_angles, [0, 0, 0, tilt], atol=1e-7)
+    assert np.degrees(np.asarray(cmp.matched_angles[:2])).min() > 44  # single vectors: far
+    # cluster_rtol=0: every pair alone, the cluster angle is the positional single-vector angle.
+    alone = compare_spectra(a, b, cluster_rtol=0.0)
+    assert len(set(np.asarray(alone.cluster_index).tolist())) == 4
+    np.testing.assert_allclose(alone.cluster_angles[:2], [np.pi / 4, np.pi / 4], atol=1e-7)
+    with pytest.raises(ValueError, match="cluster_rtol"):
+        compare_spectra(a, b, cluster_rtol=-1.0)

@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hesskit._src.thick_restart import EigResult
 from hesskit._src.tree import tree_rmatvec
@@ -36,6 +37,16 @@ class SpectrumComparison(NamedTuple):
             shape ``(k_a,)``.
         matched_angles: :math:`\arccos \max_j |a_i^\top b_j|`, the angle between :math:`a_i`
             and its best match, shape ``(k_a,)``.
+        cluster_index: gap-aware grouping of the first :math:`\min(k_a, k_b)` reference
+            eigenvalues: pairs whose eigenvalues lie within ``cluster_rtol`` of their
+            neighbour (relative to the larger magnitude) share an index, shape
+            ``(min(k_a, k_b),)``. Inside such a cluster single eigenvectors are
+            ill-conditioned (a perturbation of size comparable to the gap rotates them
+            freely), so compare subspaces instead.
+        cluster_angles: for each pair, the largest principal angle between the span of the
+            ``a`` vectors and the span of the ``b`` vectors at the positions of its cluster,
+            in radians, shape ``(min(k_a, k_b),)``; equals the single-vector angle for an
+            isolated eigenvalue.
     """
 
     eigenvalue_diff: jax.Array
@@ -44,6 +55,8 @@ class SpectrumComparison(NamedTuple):
     principal_angles: jax.Array
     matched_index: jax.Array
     matched_angles: jax.Array
+    cluster_index: jax.Array
+    cluster_angles: jax.Array
 
 
 def eigenvector_overlaps(a: PyTree, b: PyTree) -> jax.Array:
@@ -77,7 +90,32 @@ def _compare(va, vb, la, lb) -> SpectrumComparison:
         principal_angles=angles,
         matched_index=best,
         matched_angles=matched,
+        cluster_index=jnp.zeros(n, jnp.int32),
+        cluster_angles=jnp.zeros(n, dtype),
     )
+
+
+def clusters(values: Any, rtol: float) -> np.ndarray:
+    """Group eigenvalues whose sorted neighbours are within ``rtol`` (relative) of each other."""
+    lam = np.asarray(values, np.float64)
+    order = np.argsort(lam)
+    ids = np.zeros(lam.shape[0], np.int32)
+    c = 0
+    for prev, cur in zip(order[:-1], order[1:], strict=True):
+        scale = max(abs(lam[prev]), abs(lam[cur]), np.finfo(np.float64).tiny)
+        if abs(lam[cur] - lam[prev]) > rtol * scale:
+            c += 1
+        ids[cur] = c
+    return ids
+
+
+def _cluster_angles(signed: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    out = np.zeros(ids.shape[0])
+    for c in np.unique(ids):
+        idx = np.flatnonzero(ids == c)
+        sv = np.linalg.svd(signed[np.ix_(idx, idx)], compute_uv=False)
+        out[idx] = np.arccos(np.clip(sv.min(), 0.0, 1.0))
+    return out
 
 
 def _describe(vectors: PyTree) -> list[tuple[tuple[int, ...], Any]]:
@@ -86,7 +124,7 @@ def _describe(vectors: PyTree) -> list[tuple[tuple[int, ...], Any]]:
     ]
 
 
-def compare_spectra(a: EigResult, b: EigResult) -> SpectrumComparison:
+def compare_spectra(a: EigResult, b: EigResult, *, cluster_rtol: float = 0.1) -> SpectrumComparison:
     r"""Compare two sets of eigenpairs of operators on the same space.
 
     Typical uses: the same Hessian from two solvers or two seeds (are the eigenvectors the
@@ -100,6 +138,8 @@ def compare_spectra(a: EigResult, b: EigResult) -> SpectrumComparison:
         a: an :class:`~hesskit.EigResult` (or any object with ``eigenvalues`` of shape
             ``(k_a,)`` and ``eigenvectors`` with a leading axis :math:`k_a`).
         b: the reference set, same vector structure, shapes and dtypes as ``a``.
+        cluster_rtol: reference eigenvalues closer than this (relative) to a neighbour form
+            one cluster for ``cluster_angles``; 0 makes every pair its own cluster.
 
     Returns:
         A :class:`SpectrumComparison`.
@@ -142,4 +182,16 @@ def compare_spectra(a: EigResult, b: EigResult) -> SpectrumComparison:
             f"  b: {db} {_describe(b.eigenvectors)}"
         )
         raise ValueError(msg)
-    return _compare(a.eigenvectors, b.eigenvectors, la, lb)
+    if not np.isfinite(cluster_rtol) or cluster_rtol < 0:
+        msg = f"cluster_rtol must be a finite number >= 0, got {cluster_rtol!r}."
+        raise ValueError(msg)
+    res = _compare(a.eigenvectors, b.eigenvectors, la, lb)
+    if isinstance(res.overlaps, jax.core.Tracer):
+        return res  # inside jit the data-dependent clustering is not available
+    n = res.eigenvalue_diff.shape[0]
+    ids = clusters(lb[:n], cluster_rtol)
+    signed = np.asarray(eigenvector_overlaps(a.eigenvectors, b.eigenvectors), np.float64)
+    angles = _cluster_angles(signed[:n, :n], ids)
+    return res._replace(
+        cluster_index=jnp.asarray(ids), cluster_angles=jnp.asarray(angles, res.matched_angles.dtype)
+    )

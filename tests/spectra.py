@@ -46,7 +46,7 @@ def _tree_matvec(t, m):
 
 
 # Module-level matvecs: operators of one shape share a treedef, so jitted solvers compile once.
-def dense_operator(a, dtype=jnp.float64) -> hk.LinearOperator:
+def dense_operator(a, dtype=WIDE) -> hk.LinearOperator:
     """A LinearOperator on flat vectors from a dense matrix (the matrix is a Partial leaf)."""
     a = jnp.asarray(a, dtype)
     return hk.LinearOperator(
@@ -54,7 +54,7 @@ def dense_operator(a, dtype=jnp.float64) -> hk.LinearOperator:
     )
 
 
-def pytree_operator(a, dtype=jnp.float64) -> hk.LinearOperator:
+def pytree_operator(a, dtype=WIDE) -> hk.LinearOperator:
     """The same matrix acting on a dict pytree ``{"a": v[:3], "b": {"c": v[3:, None]}}``."""
     a = jnp.asarray(a, dtype)
     return hk.LinearOperator(

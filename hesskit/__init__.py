@@ -37,6 +37,7 @@ from hesskit._src.operators import restrict as restrict
 from hesskit._src.operators import tree_mask_embed as tree_mask_embed
 from hesskit._src.operators import tree_mask_select as tree_mask_select
 from hesskit._src.power_method import power_iteration as power_iteration
+from hesskit._src.preconditioner import preconditioner_agreement as preconditioner_agreement
 from hesskit._src.saddle_transforms import add_sphere_noise as add_sphere_noise
 from hesskit._src.saddle_transforms import monitor_curvature as monitor_curvature
 from hesskit._src.saddle_transforms import negative_curvature as negative_curvature
@@ -106,6 +107,7 @@ __all__ = [
     "hessian_operator",
     "hvp",
     "mean_hessian_operator",
+    "preconditioner_agreement",
     "restrict",
     "tree_mask_embed",
     "tree_mask_select",

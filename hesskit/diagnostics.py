@@ -13,6 +13,8 @@ functions on pytree parameters:
   :math:`\alpha^*` against :math:`1/\lambda`.
 - :func:`compare_spectra`: eigenvalue differences, overlaps and principal angles between two
   sets of eigenpairs.
+- :func:`preconditioner_agreement` and :func:`empirical_fisher_diagonal`: Adam's
+  :math:`\sqrt{v_t}` against Hessian, GGN and empirical Fisher diagonals, per layer.
 - :class:`Tracker`: the extreme eigenpairs over training, warm-started and matched step to step.
 - :func:`gd_rates`, :func:`regularized_spectrum`, :func:`condition_number`: what the spectrum
   implies for gradient descent and weight decay; :func:`svm_hinge_loss`, a convex test loss.
@@ -36,6 +38,9 @@ from hesskit._src.directional import StepCheck as StepCheck
 from hesskit._src.directional import directional_loss as directional_loss
 from hesskit._src.directional import eigen_directional_losses as eigen_directional_losses
 from hesskit._src.directional import step_check as step_check
+from hesskit._src.preconditioner import PreconditionerAgreement as PreconditionerAgreement
+from hesskit._src.preconditioner import empirical_fisher_diagonal as empirical_fisher_diagonal
+from hesskit._src.preconditioner import preconditioner_agreement as preconditioner_agreement
 from hesskit._src.tracking import Tracker as Tracker
 from hesskit._src.tracking import TrackRecord as TrackRecord
 from hesskit._src.tracking import match_pairs as match_pairs
@@ -45,6 +50,7 @@ __all__ = [
     "CriticalPointReport",
     "DirectionalLoss",
     "GDRates",
+    "PreconditionerAgreement",
     "RegularizedSpectrum",
     "SpectrumComparison",
     "StepCheck",
@@ -57,8 +63,10 @@ __all__ = [
     "directional_loss",
     "eigen_directional_losses",
     "eigenvector_overlaps",
+    "empirical_fisher_diagonal",
     "gd_rates",
     "match_pairs",
+    "preconditioner_agreement",
     "regularized_spectrum",
     "step_check",
     "svm_hinge_loss",

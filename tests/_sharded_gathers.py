@@ -113,6 +113,7 @@ def main() -> None:
                     )
                     row["equal"] = all(jax.tree_util.tree_leaves(ok))
                     if isinstance(out, dict):
+                        row["out_specs"] = {n: str(out[n].sharding.spec) for n in out}
                         # Pytree results (diagonal, solve) keep the vectors' sharding.
                         row["keeps_sharding"] = all(
                             out[n].sharding.is_equivalent_to(d[n].sharding, d[n].ndim) for n in d

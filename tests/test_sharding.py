@@ -40,7 +40,10 @@ def test_solvers_on_sharded_vectors_compile_without_gathers():
         assert "error" not in row, row
         assert row["all-gather"] == 0, row
         assert row["equal"], row
-        assert row.get("keeps_sharding", True), row
+        if row["types"] == "explicit":
+            # Under Explicit axes the result's sharding is part of its type; under Auto axes
+            # XLA picks the layout of a jitted function's outputs.
+            assert row.get("keeps_sharding", True), row
     # The reductions are all-reduces of scalars and short vectors.
     assert all(r["all-reduce"] > 0 for r in rows if r["solver"] != "diagonal")
     # Parameters and data on meshes over different devices: an error naming both.

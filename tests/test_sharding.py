@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 
 def test_eigsh_on_sharded_batch_matches_single_device():
@@ -51,6 +52,7 @@ def test_solvers_on_sharded_vectors_compile_without_gathers():
     assert "devices [0, 1]" in result["mesh_error"] and "devices [2, 3]" in result["mesh_error"]
 
 
+@pytest.mark.slow
 def test_sharding_benchmark_quick(tmp_path):
     # The benchmark's quick mode runs end to end: one and two devices, both layouts.
     bench = pathlib.Path(__file__).parent.parent / "benchmarks" / "sharding.py"

@@ -126,7 +126,15 @@ class Counting:
         return self.loss(p, batch)
 
 
-@pytest.mark.parametrize("mode", ["auto", "rev-rev", "fd"])
+# auto (which resolves to rev-rev here) stays in make test; the forced modes only add compiles.
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "auto",
+        pytest.param("rev-rev", marks=pytest.mark.slow),
+        pytest.param("fd", marks=pytest.mark.slow),
+    ],
+)
 def test_modes_compile_once_for_new_data(mode):
     loss = Counting(LOSS)
     p, batch = problem(jnp.float64)
@@ -141,7 +149,7 @@ def test_modes_compile_once_for_new_data(mode):
     np.testing.assert_allclose(np.asarray(res.eigenvalues), want, rtol=rtol)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("dtype", [pytest.param(jnp.float32, marks=pytest.mark.slow), jnp.float64])
 def test_ggn_modes_with_custom_vjp_loss(dtype):
     p, (x, y) = problem(dtype)
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
+from spectra import WIDE
 
 import hesskit as hk
 
@@ -179,3 +180,17 @@ def test_ggn_modes_with_custom_vjp_loss(dtype):
     np.testing.assert_allclose(np.asarray(fd), want, atol=fd_tol * scale)
     with pytest.raises(TypeError, match="custom_vjp"):
         hk.ggn_operator(model, out_loss(fused_lse), p, (x, y), mode="fwd-rev")
+
+
+@pytest.mark.parametrize("mode", ["fwd-rev", "rev-rev", "fd"])
+def test_hvp_has_aux_in_every_mode(mode):
+    def f(p):
+        return jnp.sum(jnp.tanh(p["w"]) ** 3), {"m": jnp.mean(p["w"])}
+
+    p = {"w": jnp.linspace(-1.0, 1.0, 6, dtype=WIDE)}
+    v = {"w": jnp.arange(6.0, dtype=WIDE)}
+    ref = jax.hessian(lambda q: f(q)[0])(p)["w"]["w"] @ v["w"]
+    hv, aux = hk.hvp(f, p, v, has_aux=True, mode=mode)
+    rtol = 1e-4 if mode == "fd" else (1e-10 if WIDE == jnp.float64 else 1e-5)
+    np.testing.assert_allclose(hv["w"], ref, rtol=rtol, atol=rtol * float(jnp.max(jnp.abs(ref))))
+    np.testing.assert_allclose(aux["m"], jnp.mean(p["w"]), atol=1e-7)

@@ -470,10 +470,17 @@ def _hvp_impl(f: Callable, params: PyTree, v: PyTree, has_aux: bool, mode: str) 
         (),
         lambda: _custom_vjp_names(loss, params),
     )
-    hv = _product(mode, jax.grad(loss), params, v)
-    if has_aux:
-        return hv, f(params)[1]
-    return hv
+    if not has_aux:
+        return _product(mode, jax.grad(loss), params, v)
+    # aux comes out of the product's own forward pass; only finite differences need another.
+    grad_aux = jax.grad(f, has_aux=True)
+    if mode == "fwd-rev":
+        _, hv, aux = jax.jvp(grad_aux, (params,), (v,), has_aux=True)
+        return hv, aux
+    if mode == "rev-rev":
+        _, pullback, aux = jax.vjp(grad_aux, params, has_aux=True)
+        return pullback(v)[0], aux
+    return _product(mode, jax.grad(loss), params, v), f(params)[1]
 
 
 # Eager hvp calls go through one jitted implementation per function, held in a weak-keyed

@@ -31,6 +31,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import time
@@ -47,50 +48,48 @@ from hesskit.examples import LinenCNN, LinenLeNet, load_digits, make_loss
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _train_scan(loss, opt, params, state, data, keys):
+    # loss and opt are static: one compile per segment length, not one per call.
+    n = data.y.shape[0]
+
+    def step(carry, k):
+        p, s = carry
+        idx = jax.random.choice(k, n, (32,), replace=False)
+        batch = jax.tree_util.tree_map(lambda a: a[idx], data)
+        val, g = jax.value_and_grad(loss)(p, batch)
+        upd, s = opt.update(g, s, p)
+        return (optax.apply_updates(p, upd), s), val
+
+    (params, state), _ = jax.lax.scan(step, (params, state), keys)
+    return params, state
+
+
 def train_segment(loss, opt, params, state, data, steps: int, key: jax.Array):
     """``steps`` RMSProp steps on minibatches of 32 drawn without replacement per step."""
-    n = int(data.y.shape[0])
-
-    @jax.jit
-    def run(params, state, keys):
-        def step(carry, k):
-            p, s = carry
-            idx = jax.random.choice(k, n, (32,), replace=False)
-            batch = jax.tree_util.tree_map(lambda a: a[idx], data)
-            val, g = jax.value_and_grad(loss)(p, batch)
-            upd, s = opt.update(g, s, p)
-            return (optax.apply_updates(p, upd), s), val
-
-        (params, state), vals = jax.lax.scan(step, (params, state), keys)
-        return params, state, vals
-
     if steps == 0:
         return params, state
-    params, state, _ = run(params, state, jax.random.split(key, steps))
-    return params, state
+    return _train_scan(loss, opt, params, state, data, jax.random.split(key, steps))
 
 
 def full_loss(loss, params, data, chunk: int) -> float:
     n = int(data.y.shape[0])
+    jitted = jax.jit(loss)
     tot = 0.0
     for s in range(0, n, chunk):
         b = jax.tree_util.tree_map(lambda a, s=s: a[s : s + chunk], data)
-        tot += float(loss(params, b)) * int(b.y.shape[0])
+        tot += float(jitted(params, b)) * int(b.y.shape[0])
     return tot / n
 
 
 def take(res: hk.EigResult, idx) -> hk.EigResult:
+    """The pairs ``idx`` of ``res``, with their own residuals and convergence flags."""
     idx = np.asarray(idx)
-    z = jnp.zeros(len(idx))
-    return hk.EigResult(
-        jnp.asarray(res.eigenvalues)[idx],
-        jax.tree_util.tree_map(lambda a: a[idx], res.eigenvectors),
-        z,
-        z > 0,
-        jnp.asarray(0),
-        jnp.asarray(0),
-        jnp.asarray(True),
-        jnp.asarray(0),
+    return res._replace(
+        eigenvalues=jnp.asarray(res.eigenvalues)[idx],
+        eigenvectors=jax.tree_util.tree_map(lambda a: a[idx], res.eigenvectors),
+        residuals=jnp.asarray(res.residuals)[idx],
+        converged=jnp.asarray(res.converged)[idx],
     )
 
 
@@ -121,12 +120,13 @@ def directional(loss, params, data, chunk, top, bottom, grid: int = 200):
     n = int(data.y.shape[0])
     m = (n // chunk) * chunk  # equal chunks for lax.map; the ragged tail is dropped here
     chunks = jax.tree_util.tree_map(lambda a: a[:m].reshape(m // chunk, chunk, *a.shape[1:]), data)
-    both = hk.EigResult(
-        jnp.concatenate([top.eigenvalues, bottom.eigenvalues]),
-        jax.tree_util.tree_map(
-            lambda a, b: jnp.concatenate([a, b]), top.eigenvectors, bottom.eigenvectors
-        ),
-        *take(top, [0])[2:],
+    both = top._replace(
+        **{
+            f: jax.tree_util.tree_map(
+                lambda a, b: jnp.concatenate([a, b]), getattr(top, f), getattr(bottom, f)
+            )
+            for f in ("eigenvalues", "eigenvectors", "residuals", "converged")
+        }
     )
     lam = np.asarray(both.eigenvalues)
     lo = 1e-2 / np.max(np.abs(lam))

@@ -1,5 +1,10 @@
 """Small models and the bundled digits data, for demos, benchmarks, notebooks and tests.
 
+Two families: image classifiers on the digits data, and a decoder-only byte-level language
+model (:class:`Transformer`, :class:`TransformerConfig`, from a few 10k parameters to the size
+of GPT-2 small) on a corpus every machine has, the Python standard library's own source
+(:func:`load_stdlib_corpus`).
+
 The digits data ship with scikit-learn (an optional dependency, in the ``demo`` extra): 1797
 greyscale 8x8 images of handwritten digits. The models are flax nnx modules (:class:`MLP`,
 :class:`CNN`, :class:`LeNet`); :func:`make_classifier` splits one the way hesskit wants it,
@@ -17,6 +22,10 @@ kept for linen users and for ``make_classifier(..., api="linen")``.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import pathlib
+import sysconfig
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -41,10 +50,16 @@ __all__ = [
     "LinenLeNet",
     "LinenMLP",
     "NnxModel",
+    "Transformer",
+    "TransformerConfig",
     "load_digits",
+    "load_stdlib_corpus",
     "make_classifier",
+    "make_lm_loss",
     "make_loss",
+    "make_transformer",
     "resize_images",
+    "sample_windows",
 ]
 
 
@@ -374,5 +389,335 @@ def make_loss(module: NnxModel | nn.Module) -> Callable[[PyTree, Dataset], jax.A
     def loss(params: PyTree, batch: Dataset) -> jax.Array:
         logits = module.apply(params, batch.x.astype(jax.tree_util.tree_leaves(params)[0].dtype))
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch.y).mean()
+
+    return loss
+
+
+# -- A byte-level language model -------------------------------------------------------------
+
+# Directories under the stdlib path that are not the standard library: installed packages
+# (a Docker image's site-packages sits inside it) and bytecode caches.
+_NOT_STDLIB = frozenset({"site-packages", "dist-packages", "__pycache__"})
+
+
+def load_stdlib_corpus(max_bytes: int | None = 1 << 22) -> np.ndarray:
+    """The Python standard library's own source files as one array of byte tokens.
+
+    Every ``*.py`` file under ``sysconfig.get_paths()["stdlib"]`` (installed packages in
+    ``site-packages`` or ``dist-packages`` excluded), sorted by path relative to that folder,
+    read as bytes and concatenated. Each byte is one token in ``[0, 256)``, so no tokenizer and
+    no download is needed; the order, and therefore the array, depends only on the Python
+    installation (the same on every machine with the same Python version).
+
+    Args:
+        max_bytes: stop after this many bytes (the last file is cut); ``None`` reads everything
+            (tens of MB).
+
+    Returns:
+        A ``uint8`` NumPy array of shape ``(n,)`` with ``0 < n <= max_bytes``.
+
+    Raises:
+        ValueError: ``max_bytes`` is not a positive int.
+        FileNotFoundError: no source file could be read (a Python shipped without its ``.py``
+            sources).
+
+    Examples:
+        >>> tokens = load_stdlib_corpus(1000)
+        >>> tokens.dtype, tokens.shape
+        (dtype('uint8'), (1000,))
+    """
+    if max_bytes is not None and (
+        isinstance(max_bytes, bool) or not isinstance(max_bytes, int | np.integer) or max_bytes < 1
+    ):
+        msg = f"max_bytes must be a positive int or None, got {max_bytes!r}."
+        raise ValueError(msg)
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in _NOT_STDLIB]
+        files += [pathlib.Path(folder, name) for name in names if name.endswith(".py")]
+    # os.walk's order is the file system's; sorting makes the corpus a function of the files.
+    files.sort(key=lambda f: f.relative_to(root).as_posix())
+    chunks, total = [], 0
+    for f in files:
+        try:
+            data = f.read_bytes()
+        except OSError:  # an unreadable file (permissions, a dangling link) is skipped
+            continue
+        if max_bytes is not None:
+            data = data[: max_bytes - total]
+        chunks.append(data)
+        total += len(data)
+        if max_bytes is not None and total >= max_bytes:
+            break
+    if total == 0:
+        msg = f"no readable *.py files under {root}."
+        raise FileNotFoundError(msg)
+    return np.frombuffer(b"".join(chunks), np.uint8).copy()
+
+
+def sample_windows(tokens: jax.typing.ArrayLike, key: jax.Array, batch: int, context: int):
+    r"""``batch`` random windows of ``context + 1`` consecutive tokens, as ``int32``.
+
+    Window ``b`` is ``tokens[s_b : s_b + context + 1]`` with ``s_b`` uniform on
+    ``[0, n - context - 1]``; :func:`make_lm_loss` predicts ``w[:, 1:]`` from ``w[:, :-1]``.
+
+    Args:
+        tokens: a 1-d array of token ids (:func:`load_stdlib_corpus`), longer than
+            ``context + 1``. Pass a ``jax.Array`` to keep it on the device between calls.
+        key: the ``jax.random`` key choosing the starts.
+        batch: number of windows.
+        context: tokens the model sees per window.
+
+    Returns:
+        An ``int32`` array of shape ``(batch, context + 1)``.
+
+    Examples:
+        >>> import jax, numpy as np
+        >>> sample_windows(np.arange(100), jax.random.key(0), 2, 7).shape
+        (2, 8)
+    """
+    tokens = jnp.asarray(tokens)
+    n = tokens.shape[0]
+    if tokens.ndim != 1 or n < context + 1:
+        msg = f"tokens must be 1-d with more than context = {context} entries, got {tokens.shape}."
+        raise ValueError(msg)
+    starts = jax.random.randint(key, (batch, 1), 0, n - context)
+    return tokens[starts + jnp.arange(context + 1)].astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    r"""The shape and precision of a :class:`Transformer` (GPT-2's architecture).
+
+    The parameter count (:meth:`num_params`) with vocabulary :math:`V`, context :math:`C`,
+    width :math:`d`, MLP ratio :math:`m` and :math:`L` layers, embeddings tied, is
+
+    .. math::
+
+        V d + C d + L \left( (4 + 2m) d^2 + (9 + m) d \right) + 2 d
+
+    (token and position embeddings; per layer two LayerNorms, the fused query-key-value and
+    output projections and the MLP, all with biases; the final LayerNorm); untied embeddings
+    add an output matrix of :math:`V d`.
+
+    Args:
+        vocab_size: number of token ids; 256 for bytes.
+        context: the longest sequence the model accepts (the position table's size).
+        width: the residual stream's width :math:`d`.
+        heads: attention heads; must divide ``width``.
+        layers: transformer blocks.
+        mlp_ratio: the MLP's hidden width over ``width``.
+        dtype: the activations' (computation) dtype; ``jnp.bfloat16`` for mixed precision.
+        param_dtype: the parameters' dtype, which is also the dtype of the Hessian's products.
+        tied_embeddings: the output layer is the token embedding's transpose (GPT-2), or a
+            separate bias-free matrix.
+        attention: ``implementation`` of :func:`jax.nn.dot_product_attention`. The default
+            ``"xla"`` is plain ``jnp`` and differentiable to any order; ``"cudnn"`` (GPU, 16-bit
+            dtypes) wraps fused kernels in a ``custom_vjp`` that forward-over-reverse cannot
+            differentiate; ``None`` lets JAX choose.
+
+    Examples:
+        >>> TransformerConfig.gpt2_small().num_params()
+        86039040
+        >>> TransformerConfig.gpt2_small(vocab_size=50257).num_params()
+        124439808
+    """
+
+    vocab_size: int = 256
+    context: int = 64
+    width: int = 32
+    heads: int = 2
+    layers: int = 2
+    mlp_ratio: int = 4
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    tied_embeddings: bool = True
+    attention: str | None = "xla"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "context", "width", "heads", "layers", "mlp_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                msg = f"{name} must be a positive int, got {value!r}."
+                raise ValueError(msg)
+        if self.width % self.heads:
+            msg = f"heads = {self.heads} must divide width = {self.width}."
+            raise ValueError(msg)
+        if self.attention not in (None, "xla", "cudnn"):
+            msg = f"attention must be None, 'xla' or 'cudnn', got {self.attention!r}."
+            raise ValueError(msg)
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> TransformerConfig:
+        """Two layers of width 32, two heads, context 64: 35,712 parameters, CPU-friendly."""
+        return cls(**{"context": 64, "width": 32, "heads": 2, "layers": 2, **overrides})
+
+    @classmethod
+    def gpt2_small(cls, vocab_size: int = 256, **overrides: Any) -> TransformerConfig:
+        """GPT-2 small: 12 layers, 12 heads, width 768, context 1024, tied embeddings.
+
+        With the 256 byte tokens this is 86,039,040 parameters; with GPT-2's own vocabulary
+        (``vocab_size=50257``) it is GPT-2's 124,439,808.
+        """
+        shape = {"context": 1024, "width": 768, "heads": 12, "layers": 12, "mlp_ratio": 4}
+        return cls(vocab_size=vocab_size, **{**shape, **overrides})
+
+    def bf16(self, params: bool = True) -> TransformerConfig:
+        """This configuration in bfloat16: activations, and parameters unless ``params=False``."""
+        pdt = jnp.bfloat16 if params else self.param_dtype
+        return dataclasses.replace(self, dtype=jnp.bfloat16, param_dtype=pdt)
+
+    def num_params(self) -> int:
+        """The exact parameter count (the formula above)."""
+        d, m, ln = self.width, self.mlp_ratio, 2 * self.width
+        block = 2 * ln + (3 * d * d + 3 * d) + (d * d + d) + (d * m * d + m * d) + (m * d * d + d)
+        out = 0 if self.tied_embeddings else self.vocab_size * d
+        return (self.vocab_size + self.context) * d + self.layers * block + ln + out
+
+
+class _Block(nnx.Module):
+    """Pre-LayerNorm block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``."""
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        d, hidden = config.width, config.mlp_ratio * config.width
+        precision = {"dtype": config.dtype, "param_dtype": config.param_dtype}
+        init = nnx.initializers.normal(0.02)
+        # GPT-2 scales the projections into the residual stream by 1/sqrt(2 L), so the stream's
+        # variance at initialization does not grow with depth.
+        residual_init = nnx.initializers.normal(0.02 / math.sqrt(2 * config.layers))
+        self.ln1 = nnx.LayerNorm(d, epsilon=1e-5, **precision, rngs=rngs)
+        self.qkv = nnx.Linear(d, 3 * d, kernel_init=init, **precision, rngs=rngs)
+        self.proj = nnx.Linear(d, d, kernel_init=residual_init, **precision, rngs=rngs)
+        self.ln2 = nnx.LayerNorm(d, epsilon=1e-5, **precision, rngs=rngs)
+        self.fc = nnx.Linear(d, hidden, kernel_init=init, **precision, rngs=rngs)
+        self.out = nnx.Linear(hidden, d, kernel_init=residual_init, **precision, rngs=rngs)
+        self.heads = config.heads
+        self.attention = config.attention
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, t, d = x.shape
+        q, k, v = jnp.split(self.qkv(self.ln1(x)), 3, axis=-1)
+        shape = (b, t, self.heads, d // self.heads)
+        y = jax.nn.dot_product_attention(
+            q.reshape(shape),
+            k.reshape(shape),
+            v.reshape(shape),
+            is_causal=True,
+            implementation=self.attention,
+        )
+        x = x + self.proj(y.reshape(b, t, d))
+        # GPT-2's tanh approximation of GELU.
+        return x + self.out(jax.nn.gelu(self.fc(self.ln2(x)), approximate=True))
+
+
+class Transformer(nnx.Module):
+    """A decoder-only (causal) language model with GPT-2's architecture (flax nnx).
+
+    Learned token and position embeddings, ``config.layers`` pre-LayerNorm blocks (causal
+    multi-head attention by :func:`jax.nn.dot_product_attention`, a GELU MLP), a final
+    LayerNorm and the output layer: the token embedding's transpose when
+    ``config.tied_embeddings`` (the default, as GPT-2), else a separate matrix. No dropout, so
+    the model is a pure function of its parameters and the tokens.
+
+    Args:
+        config: the :class:`TransformerConfig`.
+        rngs: initialisation keys.
+    """
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        precision = {"dtype": config.dtype, "param_dtype": config.param_dtype}
+        init = nnx.initializers.normal(0.02)
+        d = config.width
+        self.config = config
+        self.wte = nnx.Embed(config.vocab_size, d, embedding_init=init, **precision, rngs=rngs)
+        self.wpe = nnx.Embed(config.context, d, embedding_init=init, **precision, rngs=rngs)
+        self.blocks = _ModuleList([_Block(config, rngs=rngs) for _ in range(config.layers)])
+        self.ln_f = nnx.LayerNorm(d, epsilon=1e-5, **precision, rngs=rngs)
+        self.head = None
+        if not config.tied_embeddings:
+            self.head = nnx.Linear(
+                d, config.vocab_size, use_bias=False, kernel_init=init, **precision, rngs=rngs
+            )
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """Logits ``(batch, time, vocab_size)`` of integer ``tokens`` ``(batch, time)``."""
+        t = tokens.shape[-1]
+        if t > self.config.context:
+            msg = f"sequence length {t} exceeds the context {self.config.context}."
+            raise ValueError(msg)
+        x = self.wte(tokens) + self.wpe(jnp.arange(t))
+        for block in self.blocks:
+            x = block(x)
+        x = self.ln_f(x)
+        return self.wte.attend(x) if self.head is None else self.head(x)
+
+
+def make_transformer(
+    config: TransformerConfig, *, key: jax.Array | None = None, abstract: bool = False
+) -> tuple[NnxModel, PyTree]:
+    """A :class:`Transformer` split the hesskit way: ``(model, params)``.
+
+    Args:
+        config: the :class:`TransformerConfig`.
+        key: initialisation key; required unless ``abstract``.
+        abstract: build with :func:`flax.nnx.eval_shape`: ``params`` are
+            :class:`jax.ShapeDtypeStruct` leaves and nothing is allocated (to count the
+            parameters of GPT-2 small, or to lower and compile its HVP, without its memory).
+
+    Returns:
+        ``(model, params)`` as :func:`make_classifier` returns them: ``model`` an
+        :class:`NnxModel` whose ``apply(params, tokens)`` gives the logits, ``params`` the
+        ``nnx.State`` of the ``nnx.Param`` variables.
+
+    Examples:
+        >>> import jax
+        >>> import hesskit as hk
+        >>> model, params = make_transformer(TransformerConfig.tiny(), key=jax.random.key(0))
+        >>> hk.tree_dim(params)
+        35712
+    """
+    if abstract:
+        module = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    else:
+        if key is None:
+            msg = "make_transformer needs an explicit key (or abstract=True)."
+            raise ValueError(msg)
+        module = Transformer(config, rngs=nnx.Rngs(params=key))
+    return NnxModel.split(module)
+
+
+def make_lm_loss(model: NnxModel) -> Callable[[PyTree, jax.Array], jax.Array]:
+    r"""Mean next-token cross-entropy ``loss(params, batch)`` of a language model.
+
+    For a batch of windows :math:`w` of shape ``(B, T + 1)`` (:func:`sample_windows`),
+
+    .. math::
+
+        \ell(\theta) = -\frac{1}{B T} \sum_{b, t} \log \operatorname{softmax}
+        \big(f_\theta(w_{b, <t+1})_t\big)_{w_{b, t+1}}
+
+    in nats per token (divide by :math:`\ln 2` for bits per byte). The logits are cast to
+    float32 before the softmax, so bfloat16 models still get a float32 loss. The batch is an
+    argument, so ``hk.hessian_operator(loss, params, batch)`` keeps it as an operator leaf and
+    a new batch of the same shape reuses every compiled solver.
+
+    Args:
+        model: an :class:`NnxModel` from :func:`make_transformer`.
+
+    Returns:
+        The loss function.
+
+    Examples:
+        >>> import jax
+        >>> model, params = make_transformer(TransformerConfig.tiny(), key=jax.random.key(0))
+        >>> batch = sample_windows(load_stdlib_corpus(10_000), jax.random.key(1), 2, 16)
+        >>> float(make_lm_loss(model)(params, batch)) > 0
+        True
+    """
+
+    def loss(params: PyTree, batch: jax.Array) -> jax.Array:
+        logits = model.apply(params, batch[:, :-1]).astype(jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
     return loss

@@ -37,6 +37,8 @@ from hesskit._src.operators import restrict as restrict
 from hesskit._src.operators import tree_mask_embed as tree_mask_embed
 from hesskit._src.operators import tree_mask_select as tree_mask_select
 from hesskit._src.power_method import power_iteration as power_iteration
+from hesskit._src.preconditioner import adam_hessian_agreement as adam_hessian_agreement
+from hesskit._src.preconditioner import adam_second_moment as adam_second_moment
 from hesskit._src.preconditioner import preconditioner_agreement as preconditioner_agreement
 from hesskit._src.saddle_transforms import add_sphere_noise as add_sphere_noise
 from hesskit._src.saddle_transforms import monitor_curvature as monitor_curvature
@@ -108,6 +110,8 @@ __all__ = [
     "hvp",
     "mean_hessian_operator",
     "preconditioner_agreement",
+    "adam_hessian_agreement",
+    "adam_second_moment",
     "restrict",
     "tree_mask_embed",
     "tree_mask_select",

@@ -13,7 +13,8 @@ functions on pytree parameters:
   :math:`\alpha^*` against :math:`1/\lambda`.
 - :func:`compare_spectra`: eigenvalue differences, overlaps and principal angles between two
   sets of eigenpairs.
-- :func:`preconditioner_agreement` and :func:`empirical_fisher_diagonal`: Adam's
+- :func:`adam_hessian_agreement`, :func:`preconditioner_agreement`,
+  :func:`adam_second_moment` and :func:`empirical_fisher_diagonal`: Adam's
   :math:`\sqrt{v_t}` against Hessian, GGN and empirical Fisher diagonals, per layer.
 - :class:`Tracker`: the extreme eigenpairs over training, warm-started and matched step to step.
 - :func:`gd_rates`, :func:`regularized_spectrum`, :func:`condition_number`: what the spectrum
@@ -39,6 +40,8 @@ from hesskit._src.directional import directional_loss as directional_loss
 from hesskit._src.directional import eigen_directional_losses as eigen_directional_losses
 from hesskit._src.directional import step_check as step_check
 from hesskit._src.preconditioner import PreconditionerAgreement as PreconditionerAgreement
+from hesskit._src.preconditioner import adam_hessian_agreement as adam_hessian_agreement
+from hesskit._src.preconditioner import adam_second_moment as adam_second_moment
 from hesskit._src.preconditioner import empirical_fisher_diagonal as empirical_fisher_diagonal
 from hesskit._src.preconditioner import preconditioner_agreement as preconditioner_agreement
 from hesskit._src.tracking import Tracker as Tracker
@@ -56,6 +59,8 @@ __all__ = [
     "StepCheck",
     "TrackRecord",
     "Tracker",
+    "adam_hessian_agreement",
+    "adam_second_moment",
     "classify",
     "compare_spectra",
     "condition_number",

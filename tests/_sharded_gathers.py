@@ -73,7 +73,8 @@ def mesh_error() -> str:
 
 
 def main() -> None:
-    which = sys.argv[1:] or list(SOLVERS)
+    quick = "--quick" in sys.argv[1:]
+    which = [a for a in sys.argv[1:] if a != "--quick"] or list(SOLVERS)
     rng = np.random.default_rng(0)
     diag = {
         "a": jnp.asarray(rng.uniform(-2, 3, SHAPE)),
@@ -87,11 +88,17 @@ def main() -> None:
         "full": {"a": P("x", "y"), "b": P(("x", "y"))},
     }
     # Column- and row-sharded leaves on 4 devices, fully sharded ones (over both mesh axes) on 8.
-    configs = [(4, "cols"), (4, "rows"), (NUM, "full")]
+    # --quick (make test): one layout per device count and one axis type each; the full grid of
+    # 3 layouts x 2 axis types runs in make test-slow.
+    both = ("auto", "explicit")
+    if quick:
+        configs = [(4, "rows", ("explicit",)), (NUM, "full", ("auto",))]
+    else:
+        configs = [(4, "cols", both), (4, "rows", both), (NUM, "full", both)]
     rows = []
-    for ndev, layout in configs:
+    for ndev, layout, axis_types in configs:
         specs = layouts[layout]
-        for types in ("auto", "explicit"):
+        for types in axis_types:
             axis_type = AxisType.Auto if types == "auto" else AxisType.Explicit
             shape = (ndev // 2, 2) if layout == "full" else (ndev, 1)
             mesh = jax.make_mesh(

@@ -27,6 +27,7 @@ import numpy as np
 __all__ = [
     "plot_directional_loss",
     "plot_eigenvalue_tracks",
+    "plot_preconditioner_agreement",
     "plot_spectral_density",
     "plot_step_sizes",
     "plot_training_loss",
@@ -422,4 +423,105 @@ def plot_training_loss(
     ax.set_title(title or "Training loss")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small")
+    return _finish(fig, path)
+
+
+def _agreement_field(rec: Any, field: str) -> Any:
+    # A PreconditionerAgreement or its to_dict() (a JSON record): the same fields by name.
+    return rec[field] if isinstance(rec, dict) else getattr(rec, field)
+
+
+def plot_preconditioner_agreement(
+    steps: Any,
+    agreements: Sequence[Any],
+    *,
+    measure: str = "spearman",
+    references: Sequence[str] | None = None,
+    title: str | None = None,
+    path: str | os.PathLike | None = None,
+):
+    r"""Plot the per-layer agreement of Adam's :math:`\sqrt{v_t}` with curvature diagonals.
+
+    One panel per reference diagonal (``|diag H|``, ``diag GGN``, ...), one line per layer
+    (group) of :func:`hesskit.preconditioner_agreement`, and the agreement over all entries as
+    a thick black line. For references estimated with replicates (Hutchinson), the dotted
+    line of the same colour is the layer's ``ceiling``: from the correlation of the logs of
+    one half of the probes with the other's, the largest log correlation anything can reach
+    against that noisy estimate (a guide for the rank correlation too).
+
+    Args:
+        steps: the training step of each record, shape ``(T,)``.
+        agreements: ``T`` :class:`~hesskit.PreconditionerAgreement` records (or their
+            ``to_dict()``), the same groups in each.
+        measure: ``"spearman"`` (rank correlation) or ``"pearson_log"`` (correlation of
+            ``log10`` values).
+        references: which references to draw, in order (default: all of the first record's).
+        title: figure title.
+        path: where to save a PNG, if given.
+
+    Returns:
+        The matplotlib ``Figure`` (one axes per reference, ``y`` in [-1, 1]).
+
+    Raises:
+        ValueError: ``steps`` and ``agreements`` of different lengths, none of them, or an
+            unknown ``measure`` or reference.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from hesskit import preconditioner_agreement
+        >>> nu = {"w": jnp.array([1.0, 4.0, 9.0])}
+        >>> rec = preconditioner_agreement(nu, {"h": {"w": jnp.array([1.0, 2.0, 3.0])}})
+        >>> fig = plot_preconditioner_agreement([10, 20], [rec, rec])
+        >>> len(fig.axes), fig.axes[0].get_ylim()
+        (1, (-1.05, 1.05))
+    """
+    t = _as_1d(steps, "steps")
+    if len(agreements) != t.shape[0] or t.shape[0] == 0:
+        msg = f"need one agreement record per step, got {len(agreements)} and {t.shape[0]} steps."
+        raise ValueError(msg)
+    overall = {"spearman": "overall_spearman", "pearson_log": "overall_pearson_log"}
+    if measure not in overall:
+        msg = f"measure must be 'spearman' or 'pearson_log', got {measure!r}."
+        raise ValueError(msg)
+    first = agreements[0]
+    names = list(_agreement_field(first, "names"))
+    refs = list(references) if references is not None else list(_agreement_field(first, measure))
+    unknown = [r for r in refs if r not in _agreement_field(first, measure)]
+    if unknown:
+        have = list(_agreement_field(first, measure))
+        msg = f"unknown reference {unknown[0]!r}; the records have {have}."
+        raise ValueError(msg)
+    fig, axes = _figure(len(refs), width=4.2, height=3.8)
+    colors = [f"C{i % 10}" for i in range(len(names))]
+    for ax, ref in zip(axes, refs, strict=True):
+
+        def series(field: str, ref: str = ref) -> np.ndarray:
+            rows = []
+            for rec in agreements:
+                value = _agreement_field(rec, field)
+                row = None if value is None else value.get(ref)
+                rows.append(np.full(len(names), np.nan) if row is None else row)
+            return np.asarray(rows, dtype=float)
+
+        per = series(measure)
+        # The ceiling (from the split-half reliability) is on the scale of a correlation.
+        rel = series("ceiling" if _agreement_field(first, "ceiling") is not None else "reliability")
+        for i, name in enumerate(names):
+            ax.plot(t, per[:, i], "o-", ms=3, lw=1, color=colors[i], label=name)
+            if np.isfinite(rel[:, i]).any():
+                ax.plot(t, rel[:, i], ":", lw=1, color=colors[i])
+        tot = [_agreement_field(rec, overall[measure])[ref] for rec in agreements]
+        tot = [np.nan if v is None else float(v) for v in tot]
+        ax.plot(t, tot, "k-", lw=2.2, label="all entries")
+        ax.axhline(0.0, color="0.6", lw=0.8)
+        ax.set_ylim(-1.05, 1.05)
+        if t.min() > 0 and t.max() / t.min() > 20:
+            ax.set_xscale("log")
+        ax.set_xlabel("training step")
+        ax.set_ylabel({"spearman": "Spearman ρ", "pearson_log": "Pearson r of log10"}[measure])
+        ax.set_title(f"√v vs {ref}", fontsize="medium")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="x-small", loc="lower left")
+    if title:
+        fig.suptitle(title, fontsize="medium")
     return _finish(fig, path)

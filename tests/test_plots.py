@@ -121,3 +121,50 @@ def test_figures_display_as_png_in_notebooks():
     fig = plots.plot_training_loss([0, 1, 2], [2.3, 1.5, 1.0])
     png = fig._repr_png_()
     assert png.startswith(b"\x89PNG")
+
+
+def test_preconditioner_agreement_per_layer_over_training(tmp_path):
+    import jax.numpy as jnp
+
+    from hesskit import preconditioner_agreement
+
+    rng = np.random.default_rng(0)
+    h = {
+        "a": {"w": jnp.asarray(rng.uniform(0.1, 5, 20)), "b": jnp.ones(4)},
+        "c": jnp.arange(1.0, 9),
+    }
+    recs = []
+    for t in range(3):
+        nu = {"a": {"w": h["a"]["w"] ** (2 + t), "b": jnp.ones(4)}, "c": h["c"][::-1] ** 2}
+        noisy = jax_tree_scale(h, 1.0 + 0.1 * t)
+        recs.append(
+            preconditioner_agreement(nu, {"H": h}, replicates={"H": (h, noisy)}, groups="module")
+        )
+    steps = [10, 100, 1000]
+    fig = plots.plot_preconditioner_agreement(steps, recs, path=tmp_path / "adam.png")
+    _check_png(tmp_path / "adam.png")
+    (ax,) = fig.axes
+    assert ax.get_xscale() == "log" and ax.get_ylim() == (-1.05, 1.05)
+    layers = [
+        ln for ln in ax.get_lines() if ln.get_linestyle() == "-" and ln.get_label() != "all entries"
+    ]
+    # two layers, their ceilings (dotted), the overall line and the zero line
+    assert [ln.get_label() for ln in layers][:2] == ["['a']", "['c']"]
+    np.testing.assert_allclose(layers[1].get_ydata(), [-1.0, -1.0, -1.0])
+    # The JSON records of the benchmark and the report draw the same figure.
+    fig2 = plots.plot_preconditioner_agreement(
+        steps, [r.to_dict() for r in recs], measure="pearson_log"
+    )
+    assert len(fig2.axes[0].get_lines()) == len(ax.get_lines())
+    with pytest.raises(ValueError, match="one agreement record per step"):
+        plots.plot_preconditioner_agreement(steps[:2], recs)
+    with pytest.raises(ValueError, match="measure"):
+        plots.plot_preconditioner_agreement(steps, recs, measure="kendall")
+    with pytest.raises(ValueError, match="unknown reference"):
+        plots.plot_preconditioner_agreement(steps, recs, references=["GGN"])
+
+
+def jax_tree_scale(tree, c):
+    import jax
+
+    return jax.tree.map(lambda x: x * c, tree)

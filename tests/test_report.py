@@ -15,6 +15,7 @@ from hesskit._src import report  # noqa: E402
 TINY = [
     *("--steps", "4", "--every", "2", "--k", "2", "--subset", "60", "--batch-size", "8"),
     *("--fraction", "0.1", "--trace-probes", "30", "--density-runs", "2", "--density-iters", "30"),
+    *("--adam-probes", "8"),
 ]
 
 
@@ -37,6 +38,8 @@ TINY = [
         (["--max-matvecs", "5"], "--max-matvecs must be >= 10"),
         (["--trace-probes", "2"], "--trace-probes must be >= 3"),
         (["--density-runs", "0"], "--density-runs must be >= 1"),
+        (["--adam-probes", "3"], "--adam-probes must be 0 or an even number >= 2"),
+        (["--optimizer", "sgd"], "invalid choice: 'sgd'"),
         (["--steps", "ten"], "invalid int value: 'ten'"),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
     ],
@@ -60,6 +63,7 @@ def test_defaults():
     assert args.model == ["cnn", "mlp"]
     assert args.out == "hesskit-report"
     assert args.every == 60  # steps / 5 checkpoints after the start
+    assert args.optimizer == "rmsprop" and args.adam_probes == 40
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +120,7 @@ def test_report_writes_folder(tiny_report):
         "mlp/directional_top.png",
         "mlp/directional_bottom.png",
         "mlp/steps.png",
+        "mlp/adam.png",
     ]:
         assert (out / name).stat().st_size > 0, name
     assert any("lam_max" in line for line in lines)
@@ -241,3 +246,38 @@ def test_report_subset_comparison_recomputes(tiny_report):
         sub["relative_diff_top"], (np.asarray(sub["top"]) - full_top) / abs(full_top), rtol=1e-5
     )
     assert all(0 <= a <= 90 for a in sub["matched_angles_top_deg"])
+
+
+def test_report_adam_section(tiny_report):
+    # RMSProp trains the report's model, so a side Adam run from the same start feeds the
+    # section, at the same checkpoints after the start.
+    out, result, lines = tiny_report
+    data = json.loads((out / "report.json").read_text())
+    assert data["config"]["optimizer"] == "rmsprop" and data["config"]["adam_probes"] == 8
+    (res,) = data["models"]
+    adam = res["adam"]
+    assert adam["run"] == "a side Adam run" and adam["probes"] == 8
+    assert [c["step"] for c in adam["checkpoints"]] == [2, 4]
+    refs = set(report.ADAM_REFS)
+    for c in adam["checkpoints"]:
+        assert c["names"] == ["['layers'][0]", "['layers'][1]"] and sum(c["sizes"]) == 2410
+        assert set(c["spearman"]) == refs and set(c["overall_spearman"]) == refs
+        for r in refs:
+            assert all(-1 <= x <= 1 for x in c["spearman"][r])
+        # Hutchinson references carry their split-half ceiling, the exact ones do not.
+        assert all(x is not None for x in c["ceiling"]["|diag H|"])
+        assert all(x is None for x in c["ceiling"]["empirical Fisher"])
+        assert np.isfinite(c["loss"])
+    md = (out / "report.md").read_text()
+    assert "### Adam against the Hessian" in md and "mlp/adam.png" in md
+    assert "\\|diag H\\|: ρ_s / r_log" in md  # pipes escaped inside the table
+    (finding,) = report._adam_findings(adam)
+    assert finding in md and "step 4" in finding
+    assert any("Adam sqrt(v) vs diagonals" in line for line in lines)
+
+
+def test_report_uses_one_be_solve(tiny_report):
+    # One which="BE" run per checkpoint gives both ends (fewer products than LA and SA runs on
+    # the report's models; the numbers are in report._tracker's docstring).
+    tracker = report._tracker(2, 100)
+    assert tracker.which == "BE" and (tracker.k_top, tracker.k_bottom) == (2, 2)

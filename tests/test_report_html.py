@@ -17,7 +17,7 @@ from hesskit._src import report  # noqa: E402
 TINY = [
     *("--model", "linear", "--steps", "4", "--every", "2", "--k", "2", "--subset", "60"),
     *("--batch-size", "8", "--fraction", "0.2", "--trace-probes", "30"),
-    *("--density-runs", "2", "--density-iters", "20"),
+    *("--density-runs", "2", "--density-iters", "20", "--optimizer", "adam", "--adam-probes", "8"),
 ]
 VOID = {"meta", "img", "br", "hr", "link", "input"}
 
@@ -77,7 +77,7 @@ def test_every_figure_of_the_markdown_is_embedded(page):
     out, _, _, parsed = page
     with open(out / "report.md", encoding="utf-8") as fh:
         figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", fh.read())
-    assert len(figures) == 6  # loss, tracks, density, two directional, steps
+    assert len(figures) == 7  # loss, tracks, density, two directional, steps, adam
     embedded = {base64.b64decode(img["src"].split(",", 1)[1]) for img in parsed.images}
     assert len(parsed.images) == len(figures)
     for fig in figures:
@@ -95,5 +95,12 @@ def test_tables_findings_and_guide_carry_the_numbers(page):
         assert report._fmt(c["lambda_max"]) in text and report._fmt(c["lambda_min"]) in text
     for line in report._findings(res):
         assert " ".join(line.removeprefix("- ").split()) in text
-    assert parsed.tags.count("table") == 2  # checkpoints and directions
+    # checkpoints, directions, and Adam's per-checkpoint and per-layer tables
+    assert parsed.tags.count("table") == 4
     assert res["final"]["classification"] in text
+    assert "Adam against the Hessian" in text and "4 Adam steps" in text
+    # Adam trains the report's model here: the section reads the training run's own state.
+    adam = res["adam"]
+    assert adam["run"] == "the training run" and [c["step"] for c in adam["checkpoints"]] == [2, 4]
+    for line in report._adam_findings(adam):
+        assert " ".join(line.removeprefix("- ").split()) in text

@@ -46,9 +46,14 @@ _GUIDE = [
     "The <b>subset</b> line compares the eigenpairs of the Hessian on a small fixed fraction of "
     "the data with the full ones (relative eigenvalue differences and the angles between matched "
     "eigenvectors): small angles mean a cheap subset Hessian can stand in for the full one.",
+    "<b>Adam against the Hessian</b> tests the reading of Adam's second moment v as a diagonal "
+    "curvature estimate: per layer, how well √v ranks the coordinates like |diag H|, the "
+    "Gauss-Newton diagonal, the empirical Fisher (squared per-example gradients) and the "
+    "expected squared minibatch gradient, and how far apart the scales are.",
     "The figures: training loss, the eigenvalue tracks over training, the spectral density at the "
     "end (stochastic Lanczos quadrature), the loss along the sharpest and the most negative "
-    "eigenvector against its quadratic model, and the best decrease and step per direction.",
+    "eigenvector against its quadratic model, the best decrease and step per direction, and "
+    "the Adam correlations over training.",
 ]
 
 
@@ -93,13 +98,22 @@ def render_html(report: dict, out_dir: str) -> str:
     Returns:
         A complete HTML document with every figure that ``report.md`` references embedded.
     """
-    from hesskit._src.report import _findings, _fmt, _list
+    from hesskit._src.report import (
+        _adam_findings,
+        _adam_intro,
+        _adam_rows,
+        _findings,
+        _fmt,
+        _list,
+        _optimizer_name,
+    )
 
     cfg = report["config"]
     body = [
         "<h1>hesskit curvature report</h1>",
         f"<p>Digits subset of {_e(cfg['subset'])} examples, seed {_e(cfg['seed'])}, "
-        f"{_e(cfg['steps'])} RMSProp steps (batch {_e(cfg['batch_size'])}, learning rate "
+        f"{_e(cfg['steps'])} {_optimizer_name(cfg)} steps (batch {_e(cfg['batch_size'])}, "
+        "learning rate "
         f"{_e(cfg['lr'])}), k = {_e(cfg['k'])}. The Hessian is that of the mean loss over the "
         f"whole subset. Every number is in <code>report.json</code>. Wall time "
         f"{report['seconds']:.1f} s on {_e(report['backend'])} "
@@ -159,6 +173,16 @@ def render_html(report: dict, out_dir: str) -> str:
         body.append(_table(header, rows, numeric={1, 2, 3, 4}))
         body.append("<h3>What this run shows</h3>")
         body.append('<ul class="findings">' + "".join(map(_finding, _findings(res))) + "</ul>")
+        adam = res.get("adam")
+        if adam and adam["checkpoints"]:
+            head, rows, lhead, lrows = _adam_rows(adam)
+            body.append("<h3>Adam against the Hessian</h3>")
+            body.append(f"<p>{_e(_adam_intro(adam))}</p>")
+            body.append(_table(head, rows, numeric=set(range(len(head)))))
+            body.append(_table(lhead, lrows, numeric=set(range(1, len(lhead)))))
+            body.append(
+                '<ul class="findings">' + "".join(map(_finding, _adam_findings(adam))) + "</ul>"
+            )
         for label, fig in res.get("figures", {}).items():
             path = os.path.join(out_dir, name, fig)
             if os.path.exists(path):

@@ -472,8 +472,8 @@ def plot_preconditioner_agreement(
         >>> nu = {"w": jnp.array([1.0, 4.0, 9.0])}
         >>> rec = preconditioner_agreement(nu, {"h": {"w": jnp.array([1.0, 2.0, 3.0])}})
         >>> fig = plot_preconditioner_agreement([10, 20], [rec, rec])
-        >>> len(fig.axes), fig.axes[0].get_ylim()
-        (1, (-1.05, 1.05))
+        >>> len(fig.axes), [float(y) for y in fig.axes[0].get_ylim()]
+        (1, [-1.05, 1.05])
     """
     t = _as_1d(steps, "steps")
     if len(agreements) != t.shape[0] or t.shape[0] == 0:

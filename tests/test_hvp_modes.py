@@ -194,3 +194,35 @@ def test_hvp_has_aux_in_every_mode(mode):
     rtol = 1e-4 if mode == "fd" else (1e-10 if WIDE == jnp.float64 else 1e-5)
     np.testing.assert_allclose(hv["w"], ref, rtol=rtol, atol=rtol * float(jnp.max(jnp.abs(ref))))
     np.testing.assert_allclose(aux["m"], jnp.mean(p["w"]), atol=1e-7)
+
+
+@pytest.mark.parametrize("linearize", [False, True])
+def test_mean_operator_modes_with_custom_vjp_and_ragged_chunk(linearize):
+    p, _ = problem(jnp.float64)
+    k = jax.random.split(jax.random.key(3), 2)
+    n, size = 19, 6  # chunks of 6, 6, 6 and a ragged 1
+    x = jax.random.normal(k[0], (n, 4), jnp.float64)
+    y = jax.random.randint(k[1], (n,), 0, 3)
+    # The loss is not a plain mean over examples (its square term), so the reference is the
+    # size-weighted sum of the chunks' own dense Hessians.
+    want = sum(
+        (min(s + size, n) - s) / n * dense(PLAIN, p, (x[s : s + size], y[s : s + size]))
+        for s in range(0, n, size)
+    )
+    scale = np.abs(want).max()
+    op = hk.mean_hessian_operator(LOSS, p, (x, y), chunk_size=size, linearize=linearize)
+    assert op.mode == "rev-rev" and "mode='rev-rev'" in repr(op)
+    np.testing.assert_allclose(np.asarray(op.to_dense()), want, atol=1e-10 * scale)
+    # What the solvers apply: the linearized operator (all chunks' vjp residuals when kept).
+    v = jax.tree_util.tree_map(jnp.ones_like, p)
+    lin = jax.jit(lambda o, v: o.linearize()(v))(op, v)
+    hv_want = want @ ravel_pytree(v)[0]
+    np.testing.assert_allclose(ravel_pytree(lin)[0], hv_want, atol=1e-10 * np.abs(hv_want).max())
+    plain = hk.mean_hessian_operator(PLAIN, p, (x, y), chunk_size=size, linearize=linearize)
+    assert plain.mode == "fwd-rev"
+    np.testing.assert_allclose(np.asarray(plain.to_dense()), want, atol=1e-10 * scale)
+    fd = hk.mean_hessian_operator(LOSS, p, (x, y), chunk_size=size, linearize=linearize, mode="fd")
+    assert fd.mode == "fd"
+    np.testing.assert_allclose(np.asarray(fd.to_dense()), want, atol=1e-7 * scale)
+    with pytest.raises(TypeError, match=r"mode='fwd-rev'.*custom_vjp.*fused_lse"):
+        hk.mean_hessian_operator(LOSS, p, (x, y), chunk_size=size, mode="fwd-rev")

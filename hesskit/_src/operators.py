@@ -333,7 +333,7 @@ def _validate_f_params(f: Callable, params: PyTree, *args: Any, name: str = "f",
 
 MODES = ("auto", "fwd-rev", "rev-rev", "fd")
 
-# Resolved "auto" modes, per function and per argument shapes: probing lowers the product once,
+# Resolved "auto" modes, per function and per argument shapes: probing traces the product once,
 # and repeating that for every operator built on the same loss would retrace it each time.
 _MODE_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -834,8 +834,8 @@ def hessian_operator(
               ``jax.custom_vjp`` functions (fused cross-entropies, attention kernels) whose
               forward mode JAX refuses; it keeps more residuals and costs more per product.
             * ``"auto"`` (default): ``"fwd-rev"`` where JAX can lower it, else ``"rev-rev"``.
-              The check lowers one product on abstract arguments, once per function and
-              argument shapes (cached).
+              The check traces one product on abstract arguments (and lowers it only when a
+              ``custom_vjp`` shows up in it), once per function and argument shapes (cached).
             * ``"fd"``: the central difference :math:`(\nabla f(\theta + h v) - \nabla
               f(\theta - h v)) / 2h` with :math:`h = \epsilon^{1/3} (1 + \lVert\theta\rVert)
               / \lVert v\rVert`: two gradients, no second-order autodiff at all. Error:

@@ -134,6 +134,11 @@ def test_adam_second_moment_finds_the_state_and_corrects_bias():
     for g in grads:
         _, si = inj.update({"w": g}, si, p)
     np.testing.assert_allclose(hk.adam_second_moment(si)["w"], vhat, rtol=1e-5)
+    chained = optax.chain(optax.clip(1.0), inj)
+    sc = chained.init(p)
+    for g in grads:
+        _, sc = chained.update({"w": g}, sc, p)
+    np.testing.assert_allclose(hk.adam_second_moment(sc)["w"], vhat, rtol=1e-5)
     with pytest.raises(ValueError, match="no optax.ScaleByAdamState.*ScaleByRmsState"):
         hk.adam_second_moment(optax.rmsprop(1e-3).init(p))
     with pytest.raises(ValueError, match="2 ScaleByAdamStates"):

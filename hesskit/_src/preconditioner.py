@@ -284,7 +284,8 @@ def adam_second_moment(opt_state: Any, *, b2: float | None = 0.999) -> PyTree:
     Args:
         opt_state: an optax optimizer state (a pytree).
         b2: Adam's :math:`\beta_2` for the bias correction; ``None`` returns ``nu`` as stored.
-            An ``inject_hyperparams`` state's own ``b2`` is used when it has one.
+            The ``b2`` of an ``inject_hyperparams`` state (anywhere in ``opt_state``) is used
+            when there is one.
 
     Returns:
         The pytree :math:`\hat v_t`, shaped like the parameters.
@@ -323,9 +324,16 @@ def adam_second_moment(opt_state: Any, *, b2: float | None = 0.999) -> PyTree:
         )
         raise ValueError(msg)
     (adam,) = found
-    hyper = getattr(opt_state, "hyperparams", None)
-    if b2 is not None and isinstance(hyper, dict) and "b2" in hyper:
-        b2 = float(hyper["b2"])
+    # inject_hyperparams keeps Adam's b2 in the state (possibly inside a chain): it is the
+    # value the update used, so it wins over the argument.
+    has_hyper = lambda x: isinstance(getattr(x, "hyperparams", None), dict)  # noqa: E731
+    hypers = [
+        x.hyperparams["b2"]
+        for x in jax.tree_util.tree_leaves(opt_state, is_leaf=has_hyper)
+        if has_hyper(x) and "b2" in x.hyperparams
+    ]
+    if b2 is not None and len(hypers) == 1:
+        b2 = float(hypers[0])
     nu = adam.nu
     if b2 is None:
         return nu

@@ -217,3 +217,64 @@ def test_mismatched_rhs_is_rejected():
         hk.solve(op, jnp.ones(5))
     with pytest.raises(ValueError, match="float32"):
         hk.solve(op, jnp.ones(4, jnp.float32))
+
+
+# -- Loop strategies (as eigsh's): one compiled iteration per host call against one while loop --
+def _conv_loss(p, x, y):
+    h = jax.lax.conv_general_dilated(
+        x, p["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return jnp.mean((jnp.tanh(h).reshape(x.shape[0], -1) @ p["w"] - y) ** 2)
+
+
+def _conv_operator(damping):
+    k = jax.random.split(jax.random.key(5), 4)
+    params = {
+        "k": 0.5 * jax.random.normal(k[0], (3, 3, 1, 2), jnp.float64),
+        "w": 0.3 * jax.random.normal(k[1], (2 * 4 * 4, 2), jnp.float64),
+    }
+    x = jax.random.normal(k[2], (6, 4, 4, 1), jnp.float64)
+    y = jax.random.normal(k[3], (6, 2), jnp.float64)
+    return hk.hessian_operator(_conv_loss, params, x, y, damping=damping)
+
+
+@pytest.mark.parametrize("method", ["cg", "minres"])
+def test_host_and_compiled_loops_give_the_same_solve(method):
+    # The Hessian's spectrum is about [-5, 7.7]: damping 6 makes it definite, 0.1 does not.
+    op = _conv_operator(damping=6.0)
+    b = jax.tree_util.tree_map(lambda s: jnp.ones(s.shape, s.dtype), op.like)
+    x0 = jax.tree_util.tree_map(lambda a: 0.1 * a, b)
+    cases = [(op, {}, True), (op, {"x0": x0}, True), (op, {"max_iters": 5}, False)]
+    if method == "cg":
+        cases.append((_conv_operator(damping=0.1), {}, False))  # stops on negative curvature
+    for o, kw, converges in cases:
+        host = hk.solve(o, b, method=method, tol=1e-10, loop="host", **kw)
+        comp = hk.solve(o, b, method=method, tol=1e-10, loop="compiled", **kw)
+        assert int(host.num_iters) == int(comp.num_iters)
+        assert int(host.status) == int(comp.status)
+        assert bool(host.converged) == bool(comp.converged) == converges
+        np.testing.assert_allclose(flat(host.x), flat(comp.x), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(host.residual_norm, comp.residual_norm, rtol=1e-6, atol=1e-15)
+        if converges:
+            want = np.linalg.solve(np.asarray(o.to_dense()), flat(b))
+            np.testing.assert_allclose(flat(host.x), want, rtol=1e-7)
+    # The caller's arrays survive the host loop's donated state (b is its first residual).
+    assert np.isfinite(flat(b)).all() and np.isfinite(flat(x0)).all()
+
+
+def test_auto_loop_is_host_eagerly_on_cpu_compiled_under_jit(monkeypatch):
+    op = _conv_operator(damping=6.0)
+    b = jax.tree_util.tree_map(lambda s: jnp.ones(s.shape, s.dtype), op.like)
+    calls = []
+    real = linsolve._solve_host
+    monkeypatch.setattr(linsolve, "_solve_host", lambda *a: calls.append(1) or real(*a))
+    eager = hk.solve(op, b, tol=1e-10)
+    assert bool(calls) == (jax.default_backend() == "cpu")
+    calls.clear()
+    jitted = jax.jit(lambda o, b: hk.solve(o, b, tol=1e-10).x)(op, b)
+    assert not calls  # inside the user's jit, auto ran the compiled while loop
+    np.testing.assert_allclose(flat(jitted), flat(eager.x), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match='loop="host" cannot run inside jit'):
+        jax.jit(lambda o, b: hk.solve(o, b, loop="host").x)(op, b)
+    with pytest.raises(ValueError, match="loop must be one of"):
+        hk.solve(op, b, loop="python")

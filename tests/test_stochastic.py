@@ -8,6 +8,7 @@ from jax.flatten_util import ravel_pytree
 from spectra import SPECTRA, dense_operator, matrix_with_spectrum, pytree_operator
 
 import hesskit as hk
+from hesskit._src import krylov, stochastic
 
 DTYPES = [jnp.float64, jnp.float32]
 KEYS = jax.random.split(jax.random.key(2024), 10)  # 10 keys everywhere: one compile per operator
@@ -232,3 +233,67 @@ def test_hutchpp_basis_is_orthonormal_or_zero():
     # Same span as the images.
     proj = q.T @ q
     np.testing.assert_allclose(proj @ y.T, y.T, atol=1e-10)
+
+
+# -- Loop strategies (as eigsh's): host-dispatched chunks against one compiled scan -------------
+def _conv_loss(p, x, y):
+    h = jax.lax.conv_general_dilated(
+        x, p["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return jnp.mean((jnp.tanh(h).reshape(x.shape[0], -1) @ p["w"] - y) ** 2)
+
+
+def _conv_operator():
+    k = jax.random.split(jax.random.key(5), 4)
+    params = {
+        "k": 0.5 * jax.random.normal(k[0], (3, 3, 1, 2), jnp.float64),
+        "w": 0.3 * jax.random.normal(k[1], (2 * 4 * 4, 2), jnp.float64),
+    }
+    x = jax.random.normal(k[2], (6, 4, 4, 1), jnp.float64)
+    y = jax.random.normal(k[3], (6, 2), jnp.float64)
+    return hk.hessian_operator(_conv_loss, params, x, y)
+
+
+def test_host_and_compiled_loops_give_the_same_estimates():
+    op = _conv_operator()
+    assert krylov.loop_penalized(op) == (jax.default_backend() == "cpu")
+    key = jax.random.key(4)
+    # Ragged chunks everywhere: 7 probes in chunks of 3; Hutch++ with 20 probes (k = 6) in 4s.
+    for kw in [{"method": "hutchinson", "num_probes": 7}, {"method": "hutch++", "num_probes": 20}]:
+        chunk = 3 if kw["method"] == "hutchinson" else 4
+        host = hk.trace(op, key, chunk_size=chunk, loop="host", **kw)
+        comp = hk.trace(op, key, chunk_size=chunk, loop="compiled", **kw)
+        np.testing.assert_allclose(host.value, comp.value, rtol=1e-12)
+        np.testing.assert_allclose(host.stderr, comp.stderr, rtol=1e-10)
+        assert int(host.num_matvecs) == int(comp.num_matvecs) == kw["num_probes"]
+    d_host = hk.diagonal(op, key, num_probes=7, chunk_size=3, loop="host")
+    d_comp = hk.diagonal(op, key, num_probes=7, chunk_size=3, loop="compiled")
+    for name in ("k", "w"):
+        np.testing.assert_allclose(d_host[name], d_comp[name], rtol=1e-12, atol=1e-14)
+    # The estimate is still the estimate: exact trace of the dense Hessian within its error.
+    want = np.trace(np.asarray(op.to_dense()))
+    est = hk.trace(op, key, num_probes=30, loop="host")
+    assert abs(float(est.value) - want) < 6 * float(est.stderr) + 1e-9 * abs(want)
+
+
+def test_auto_loop_is_host_eagerly_on_cpu_compiled_under_jit(monkeypatch):
+    op = _conv_operator()
+    key = jax.random.key(1)
+    calls = []
+    real = stochastic._host_body
+    monkeypatch.setattr(stochastic, "_host_body", lambda body: calls.append(body) or real(body))
+    eager = hk.trace(op, key, num_probes=6, method="hutchinson")
+    eager_diag = hk.diagonal(op, key, num_probes=6)
+    assert bool(calls) == (jax.default_backend() == "cpu")
+    calls.clear()
+    jitted = jax.jit(lambda o, k: hk.trace(o, k, num_probes=6, method="hutchinson").value)
+    jitted_diag = jax.jit(lambda o, k: hk.diagonal(o, k, num_probes=6))
+    np.testing.assert_allclose(jitted(op, key), eager.value, rtol=1e-12)
+    np.testing.assert_allclose(jitted_diag(op, key)["w"], eager_diag["w"], rtol=1e-12, atol=1e-14)
+    assert not calls  # inside the user's jit, auto ran the compiled scan
+    with pytest.raises(ValueError, match='loop="host" cannot run inside jit'):
+        jax.jit(lambda o, k: hk.trace(o, k, num_probes=6, loop="host").value)(op, key)
+    with pytest.raises(ValueError, match='loop="host" cannot run inside jit'):
+        jax.jit(lambda o, k: hk.diagonal(o, k, num_probes=6, loop="host"))(op, key)
+    with pytest.raises(ValueError, match="loop must be one of"):
+        hk.trace(op, key, num_probes=6, loop="python")

@@ -1,4 +1,8 @@
-"""Hessian-free linear solves: conjugate gradient and MINRES on pytrees, in one compiled loop."""
+"""Hessian-free linear solves: conjugate gradient and MINRES on pytrees.
+
+A solve runs in one compiled loop, or (``loop="host"``, what ``"auto"`` picks on CPU for
+products with a convolution) one compiled iteration per call from Python.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from hesskit._src import validation
-from hesskit._src.krylov import check_devices
+from hesskit._src.krylov import check_devices, linearized, resolve_loop
 from hesskit._src.operators import LinearOperator
 from hesskit._src.tree import tree_axpy, tree_norm, tree_scale, tree_sub, tree_vdot
 
@@ -81,6 +85,7 @@ def solve(
     tol: float = 1e-6,
     max_iters: int | None = None,
     x0: PyTree | None = None,
+    loop: str = "auto",
 ) -> SolveResult:
     r"""Solve :math:`(A + \delta I)\, x = b` by CG or MINRES, with products only.
 
@@ -94,7 +99,8 @@ def solve(
     (Paige and Saunders 1975) minimizes :math:`\lVert b - Ax\rVert` over the Krylov space and
     handles symmetric indefinite systems.
 
-    Both run in one :func:`jax.lax.while_loop` with one product per iteration. The recursive
+    Both run one product per iteration, in one :func:`jax.lax.while_loop` or from the host
+    (``loop``, below). The recursive
     residual drifts from the true one in finite precision, so when it first meets the
     tolerance the next iteration spends its product on the true residual :math:`b - Ax`
     instead: if that meets the tolerance the solve has converged, otherwise the method restarts
@@ -102,6 +108,16 @@ def solve(
     with ``status=4``. The returned ``residual_norm`` is always recomputed from ``x``. Nothing
     can be raised inside compiled code, so budget exhaustion and NaN/Inf come back as
     ``converged=False`` with a ``status``. Gradients through this function are not promised.
+
+    Loop strategy, as in :func:`hesskit.eigsh`: ``loop="compiled"`` runs the whole solve in one
+    :func:`jax.lax.while_loop` (the only choice inside a user's ``jit`` or ``vmap``);
+    ``loop="host"`` dispatches each iteration (its product and the recurrence, the state
+    donated so it is updated in place) as one compiled call from Python and reads the stop
+    flag every 8 iterations (an iteration after the stop is a no-op, so the result does not
+    depend on when it is read). XLA's CPU backend runs convolutions inside ``while`` loops
+    many times slower than outside (jax-ml/jax#12868), so ``"auto"`` (default) picks
+    ``"host"`` on CPU, outside traced code, when the product contains a convolution, and
+    ``"compiled"`` otherwise. Both do the same arithmetic and return the same result.
 
     Args:
         op: a symmetric :class:`~hesskit.LinearOperator` (linearized once).
@@ -117,13 +133,14 @@ def solve(
             the residual ``b - A x0`` (one more product, counted in ``num_iters``); a warm
             start from the previous solution is what truncated-Newton methods do (Martens
             2010). On negative curvature at the first step the returned ``x`` is ``x0``.
+        loop: ``"auto"``, ``"compiled"`` or ``"host"`` (see above).
 
     Returns:
         A :class:`SolveResult`.
 
     Raises:
-        ValueError: ``b`` does not match the operator, or ``method``, ``tol``, ``max_iters``
-            out of range.
+        ValueError: ``b`` does not match the operator, ``method``, ``tol``, ``max_iters`` or
+            ``loop`` out of range, or ``loop="host"`` inside traced code.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -149,7 +166,10 @@ def solve(
     validation.check_like(b, op.like, name="b", like_name="the operator's vectors")
     if x0 is not None:
         validation.check_like(x0, op.like, name="x0", like_name="the operator's vectors")
-    return _solve(op, b, jnp.asarray(tol, op.dtype), method, max_iters, x0)
+    tol = jnp.asarray(tol, op.dtype)
+    if resolve_loop(loop, op, b, x0) == "host":
+        return _solve_host(op, b, tol, method, max_iters, x0)
+    return _solve(op, b, tol, method, max_iters, x0)
 
 
 def _where(flag: jax.Array, x: PyTree, y: PyTree) -> PyTree:
@@ -286,10 +306,9 @@ class _Loop(NamedTuple):
     k: jax.Array
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4))
-def _solve(op: LinearOperator, b: PyTree, tol: jax.Array, method: str, max_iters: int, x0=None):
-    op = op.linearize()
-    start, step, direction = _METHODS[method]
+def _init(op, b: PyTree, tol: jax.Array, method: str, x0=None) -> tuple[_Loop, jax.Array]:
+    """The loop's start and the absolute tolerance ``tol * ||b||``."""
+    start = _METHODS[method][0]
     bnorm = tree_norm(b)
     tol_abs = tol * bnorm
     if x0 is None:
@@ -301,32 +320,6 @@ def _solve(op: LinearOperator, b: PyTree, tol: jax.Array, method: str, max_iters
     r0norm = tree_norm(r0)
     status0 = jnp.where(r0norm <= tol_abs, CONVERGED, _RUNNING)
     status0 = jnp.where(jnp.isfinite(bnorm) & jnp.isfinite(r0norm), status0, NONFINITE)
-
-    def cond(c: _Loop) -> jax.Array:
-        return (c.status == _RUNNING) & (c.k < max_iters)
-
-    def body(c: _Loop) -> _Loop:
-        # One product per iteration: on the true residual when verifying, else the method's.
-        u = _where(c.verify, c.state.x, direction(c.state))
-        au = op(u)
-
-        r_true = tree_sub(b, au)
-        true_norm = tree_norm(r_true)
-        v_status = jnp.where(true_norm <= tol_abs, CONVERGED, _RUNNING)
-        v_status = jnp.where(true_norm > 0.5 * c.last_true, STAGNATED, v_status)
-        v_status = jnp.where(true_norm <= tol_abs, CONVERGED, v_status)
-        v_status = jnp.where(jnp.isfinite(true_norm), v_status, NONFINITE)
-        restarted = start(c.state.x, r_true, true_norm, c.state.scale)
-
-        stepped, estimate, s_status = step(c.state, au, tol, tol_abs)
-        return _Loop(
-            state=_where(c.verify, restarted, stepped),
-            verify=~c.verify & (estimate <= tol_abs),
-            last_true=jnp.where(c.verify, true_norm, c.last_true),
-            status=jnp.where(c.verify, v_status, s_status),
-            k=c.k + 1,
-        )
-
     init = _Loop(
         state=start(x0, r0, r0norm, jnp.zeros_like(bnorm)),
         verify=jnp.asarray(False),
@@ -334,7 +327,39 @@ def _solve(op: LinearOperator, b: PyTree, tol: jax.Array, method: str, max_iters
         status=status0,
         k=jnp.full((), k0, jnp.int32),
     )
-    out = jax.lax.while_loop(cond, body, init)
+    return init, tol_abs
+
+
+def _running(c: _Loop, max_iters: int) -> jax.Array:
+    return (c.status == _RUNNING) & (c.k < max_iters)
+
+
+def _iterate(op, b: PyTree, tol: jax.Array, tol_abs: jax.Array, method: str, c: _Loop) -> _Loop:
+    """One iteration, one product: on the true residual when verifying, else the method's."""
+    start, step, direction = _METHODS[method]
+    u = _where(c.verify, c.state.x, direction(c.state))
+    au = op(u)
+
+    r_true = tree_sub(b, au)
+    true_norm = tree_norm(r_true)
+    v_status = jnp.where(true_norm <= tol_abs, CONVERGED, _RUNNING)
+    v_status = jnp.where(true_norm > 0.5 * c.last_true, STAGNATED, v_status)
+    v_status = jnp.where(true_norm <= tol_abs, CONVERGED, v_status)
+    v_status = jnp.where(jnp.isfinite(true_norm), v_status, NONFINITE)
+    restarted = start(c.state.x, r_true, true_norm, c.state.scale)
+
+    stepped, estimate, s_status = step(c.state, au, tol, tol_abs)
+    return _Loop(
+        state=_where(c.verify, restarted, stepped),
+        verify=~c.verify & (estimate <= tol_abs),
+        last_true=jnp.where(c.verify, true_norm, c.last_true),
+        status=jnp.where(c.verify, v_status, s_status),
+        k=c.k + 1,
+    )
+
+
+def _finish(op, b: PyTree, tol_abs: jax.Array, method: str, out: _Loop) -> SolveResult:
+    direction = _METHODS[method][2]
     x = out.state.x
     residual = tree_norm(tree_sub(b, op(x)))
     ok = jnp.isfinite(residual) & (out.status != NONFINITE)
@@ -351,3 +376,49 @@ def _solve(op: LinearOperator, b: PyTree, tol: jax.Array, method: str, max_iters
         status=status,
         direction=direction(out.state),
     )
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _solve(op: LinearOperator, b: PyTree, tol: jax.Array, method: str, max_iters: int, x0=None):
+    op = op.linearize()
+    init, tol_abs = _init(op, b, tol, method, x0)
+    out = jax.lax.while_loop(
+        lambda c: _running(c, max_iters),
+        lambda c: _iterate(op, b, tol, tol_abs, method, c),
+        init,
+    )
+    return _finish(op, b, tol_abs, method, out)
+
+
+# -- Host driver: one compiled iteration per call from Python, one read every few. ------------
+_HOST_CHECK_EVERY = 8
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _init_host(op, b: PyTree, tol: jax.Array, method: str, x0=None) -> tuple[_Loop, jax.Array]:
+    # jit hands back an input that is returned unchanged (b as the first residual, x0 as the
+    # first iterate) as the caller's own buffer; the steps donate the state, so copy it first.
+    return jax.tree_util.tree_map(jnp.copy, _init(op, b, tol, method, x0))
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5), donate_argnums=6)
+def _step_host(op, b, tol, tol_abs, method: str, max_iters: int, c: _Loop) -> _Loop:
+    # A no-op once stopped, so reading the flag only every few steps changes nothing.
+    return jax.lax.cond(
+        _running(c, max_iters), lambda c: _iterate(op, b, tol, tol_abs, method, c), lambda c: c, c
+    )
+
+
+_running_host = jax.jit(_running, static_argnums=1)
+_finish_host = jax.jit(_finish, static_argnums=3)
+
+
+def _solve_host(op: LinearOperator, b: PyTree, tol: jax.Array, method: str, max_iters: int, x0):
+    lin = linearized(op)
+    c, tol_abs = _init_host(lin, b, tol, method, x0)
+    # At most max_iters iterations, the first k0 (1 with x0) already spent by the start.
+    for it in range(max_iters):
+        if it % _HOST_CHECK_EVERY == 0 and not bool(_running_host(c, max_iters)):
+            break
+        c = _step_host(lin, b, tol, tol_abs, method, max_iters, c)
+    return _finish_host(lin, b, tol_abs, method, c)

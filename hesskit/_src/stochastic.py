@@ -3,8 +3,9 @@
 Probes are Rademacher vectors shaped like the operator's pytree
 (:func:`~hesskit.tree_random_rademacher`, drawn at Krylov precision). They are applied in chunks
 (one :func:`jax.vmap` of the product per chunk of ``chunk_size`` probes, default
-:data:`PROBE_CHUNK`, chunks run one after another by a :func:`jax.lax.scan`), so memory stays at
-one chunk of vectors (plus Hutch++'s basis) while the hardware sees batched products.
+:data:`PROBE_CHUNK`, chunks run one after another by a :func:`jax.lax.scan`, or dispatched one by
+one from Python with ``loop="host"``), so memory stays at one chunk of vectors (plus Hutch++'s
+basis) while the hardware sees batched products.
 """
 
 from __future__ import annotations
@@ -70,35 +71,56 @@ def _batched(fn, xs: PyTree) -> PyTree:
     return jax.vmap(fn)(xs)
 
 
-def _fold_chunks(body, carry: PyTree, xs: PyTree, chunk: int) -> PyTree:
-    """``carry = body(carry, xs[i : i + chunk])`` over consecutive chunks of ``xs``.
+def _fold_chunks(body, consts: tuple, carry: PyTree, xs: PyTree, chunk: int, host: bool) -> PyTree:
+    """``carry = body(consts, carry, xs[i : i + chunk])`` over consecutive chunks of ``xs``.
 
-    ``xs`` is a pytree of arrays sharing a leading axis ``n``; the chunks run one after
-    another in one :func:`jax.lax.scan`. A ragged last chunk (``n % chunk`` entries) runs in
-    the same loop as the other branch of a :func:`jax.lax.cond`: run after the loop instead,
-    XLA holds its buffers on top of the loop's (measured), doubling the peak.
+    ``xs`` is a pytree of arrays sharing a leading axis ``n``; ``consts`` (the linearized
+    operator, Hutch++'s basis) are the same for every chunk. Compiled (``host=False``), the
+    chunks run one after another in one :func:`jax.lax.scan`; a ragged last chunk (``n % chunk``
+    entries) runs in the same loop as the other branch of a :func:`jax.lax.cond`: run after the
+    loop instead, XLA holds its buffers on top of the loop's (measured), doubling the peak.
+    From the host (``host=True``, ``body`` a module-level function), each chunk is one compiled
+    call dispatched from Python with the carry donated, the ragged one a second compile of its
+    size: the same arithmetic on the same chunks, without the convolution-in-a-loop penalty of
+    XLA:CPU (jax-ml/jax#12868).
     """
     n = jax.tree_util.tree_leaves(xs)[0].shape[0]
     full, rest = divmod(n, chunk)
+    if host:
+        step = _host_body(body)
+        bounds = [(i * chunk, (i + 1) * chunk) for i in range(full)]
+        bounds += [(full * chunk, n)] if rest else []
+        for lo, hi in bounds:
+            carry = step(consts, carry, jax.tree_util.tree_map(lambda a, s=slice(lo, hi): a[s], xs))
+        return carry
     if full == 0:
-        return body(carry, xs)
+        return body(consts, carry, xs)
     if rest == 0:
         batches = jax.tree_util.tree_map(lambda a: a.reshape(full, chunk, *a.shape[1:]), xs)
-        return jax.lax.scan(lambda c, x: (body(c, x), None), carry, batches)[0]
+        return jax.lax.scan(lambda c, x: (body(consts, c, x), None), carry, batches)[0]
     num = full + 1
 
     def pad(a: jax.Array) -> jax.Array:
         # Filler entries (copies of the first ones) are never read: the ragged branch cuts them.
         return jnp.concatenate([a, a[: num * chunk - n]]).reshape(num, chunk, *a.shape[1:])
 
+    def whole(c: PyTree, x: PyTree) -> PyTree:
+        return body(consts, c, x)
+
     def ragged(c: PyTree, x: PyTree) -> PyTree:
-        return body(c, jax.tree_util.tree_map(lambda a: a[:rest], x))
+        return body(consts, c, jax.tree_util.tree_map(lambda a: a[:rest], x))
 
     def step(c: PyTree, ix: tuple) -> tuple[PyTree, None]:
         i, x = ix
-        return jax.lax.cond(i < full, body, ragged, c, x), None
+        return jax.lax.cond(i < full, whole, ragged, c, x), None
 
     return jax.lax.scan(step, carry, (jnp.arange(num), jax.tree_util.tree_map(pad, xs)))[0]
+
+
+@functools.cache
+def _host_body(body):
+    # One compiled chunk per body, operator type and chunk shape; the carry is written in place.
+    return jax.jit(body, donate_argnums=1)
 
 
 def _deflate(basis: PyTree, z: PyTree) -> PyTree:
@@ -106,13 +128,18 @@ def _deflate(basis: PyTree, z: PyTree) -> PyTree:
     return tree_sub(z, tree_matvec(basis, tree_rmatvec(basis, z)))
 
 
-def _quadratic_samples(apply, like: PyTree, keys: jax.Array, chunk: int, basis=None):
-    """``z^T A z`` for one Rademacher ``z`` per key (deflated by ``basis`` when given).
+def _probe_like(op: LinearOperator) -> PyTree:
+    return krylov.krylov_like(krylov.vector_like(op))
 
-    ``apply`` maps Krylov-precision vectors to Krylov-precision products; ``chunk`` probes
-    are applied together.
+
+def _sample_chunk(consts: tuple, out: jax.Array, batch: tuple) -> jax.Array:
+    """``out[idx] = z^T A z`` for one Rademacher ``z`` per key of the chunk.
+
+    ``consts`` is ``(op,)`` or ``(op, basis)``: with a basis each probe is deflated by it.
     """
-    n = keys.shape[0]
+    op, basis = consts if len(consts) == 2 else (consts[0], None)
+    apply, like = krylov.product(op), _probe_like(op)
+    idx, ks = batch
 
     def sample(key: jax.Array) -> jax.Array:
         z = tree_random_rademacher(key, like)
@@ -120,12 +147,18 @@ def _quadratic_samples(apply, like: PyTree, keys: jax.Array, chunk: int, basis=N
             z = _deflate(basis, z)
         return tree_vdot(z, apply(z))
 
-    def body(out: jax.Array, batch: tuple) -> jax.Array:
-        idx, ks = batch
-        return out.at[idx].set(_batched(sample, ks))
+    return out.at[idx].set(_batched(sample, ks))
 
-    out = jnp.zeros(n, krylov.krylov_dtype(like))
-    return _fold_chunks(body, out, (jnp.arange(n), keys), chunk)
+
+def _quadratic_samples(op, keys: jax.Array, chunk: int, host: bool, basis=None) -> jax.Array:
+    """``z^T A z`` for one Rademacher ``z`` per key (deflated by ``basis`` when given).
+
+    ``op`` is the linearized operator; ``chunk`` probes are applied together.
+    """
+    n = keys.shape[0]
+    consts = (op,) if basis is None else (op, basis)
+    out = jnp.zeros(n, krylov.krylov_dtype(_probe_like(op)))
+    return _fold_chunks(_sample_chunk, consts, out, (jnp.arange(n), keys), chunk, host)
 
 
 def _mean_and_stderr(samples: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -143,6 +176,7 @@ def trace(
     num_probes: int = 100,
     method: str = "hutch++",
     chunk_size: int = PROBE_CHUNK,
+    loop: str = "auto",
 ) -> Estimate:
     r"""Estimate :math:`\operatorname{tr}(A)` from ``num_probes`` products with random vectors.
 
@@ -184,6 +218,15 @@ def trace(
     The operator is linearized once (:meth:`LinearOperator.linearize`). The function is
     jit-compatible and vmappable over ``key``; gradients through it are not promised.
 
+    Loop strategy, as in :func:`hesskit.eigsh`: ``loop="compiled"`` runs every chunk in one
+    compiled :func:`jax.lax.scan` (the only choice inside a user's ``jit`` or ``vmap``);
+    ``loop="host"`` dispatches each chunk (its batched products, and for Hutch++ the
+    Gram-Schmidt of its images) as one compiled call from Python and reads nothing back until
+    the end. XLA's CPU backend runs convolutions inside loops many times slower than outside
+    (jax-ml/jax#12868), so ``"auto"`` (default) picks ``"host"`` on CPU, outside traced code,
+    when the product contains a convolution, and ``"compiled"`` otherwise. Both run the same
+    arithmetic on the same chunks and return the same estimate (to rounding).
+
     Args:
         op: a symmetric :class:`~hesskit.LinearOperator` (its shift is included in the trace).
         key: PRNG key for the probes.
@@ -191,13 +234,15 @@ def trace(
         method: ``"hutch++"`` (default) or ``"hutchinson"``.
         chunk_size: probes applied together in one batched product, ``>= 1``; memory grows
             with it, the result does not depend on it beyond rounding.
+        loop: ``"auto"``, ``"compiled"`` or ``"host"`` (see above).
 
     Returns:
         An :class:`Estimate` with ``num_matvecs == num_probes``, in the Krylov dtype (the
         operator's dtype for float32 and float64 parameters).
 
     Raises:
-        ValueError: unknown ``method``, or ``num_probes`` or ``chunk_size`` out of range.
+        ValueError: unknown ``method`` or ``loop``, ``num_probes`` or ``chunk_size`` out of
+            range, or ``loop="host"`` inside traced code.
         InsufficientMemoryError: (a ``MemoryError``) the vectors cannot fit.
 
     Examples:
@@ -232,6 +277,8 @@ def trace(
         f"trace(method={method!r}, num_probes={num_probes}, chunk_size={chunk})",
         reduce="a smaller chunk_size" + (" or fewer num_probes" if method == "hutch++" else ""),
     )
+    if krylov.resolve_loop(loop, op, key) == "host":
+        return _trace_impl(krylov.linearized(op), key, num_probes, method, chunk, host=True)
     return _trace(op, key, num_probes, method, chunk)
 
 
@@ -257,47 +304,61 @@ def _orthonormal_rows(basis: PyTree, rows: PyTree, at: jax.Array) -> PyTree:
     return jax.lax.fori_loop(0, at.shape[0], insert, basis)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _trace(op: LinearOperator, key: jax.Array, n: int, method: str, chunk: int) -> Estimate:
-    apply = krylov.product(op.linearize())
-    like = krylov.krylov_like(krylov.vector_like(op))
+def _sketch_chunk(consts: tuple, basis: PyTree, batch: tuple) -> PyTree:
+    # The range finder: images of a chunk of the sketch, each folded into Q at once.
+    (op,) = consts
+    apply, like = krylov.product(op), _probe_like(op)
+    idx, ks = batch
+    images = _batched(lambda kk: apply(tree_random_rademacher(kk, like)), ks)
+    return _orthonormal_rows(basis, images, idx)
+
+
+def _exact_chunk(consts: tuple, total: jax.Array, idx: jax.Array) -> jax.Array:
+    op, basis = consts
+    apply = krylov.product(op)
+    rows = jax.tree_util.tree_map(lambda b: b[idx], basis)
+    return total + jnp.sum(_batched(lambda q: tree_vdot(q, apply(q)), rows))
+
+
+def _trace_impl(op, key: jax.Array, n: int, method: str, chunk: int, host: bool) -> Estimate:
+    """The estimator on a linearized ``op``: traced whole (compiled) or run from Python (host)."""
     num = jnp.asarray(n, jnp.int32)
     if method == "hutchinson":
-        samples = _quadratic_samples(apply, like, jax.random.split(key, n), chunk)
+        samples = _quadratic_samples(op, jax.random.split(key, n), chunk, host)
         value, stderr = _mean_and_stderr(samples)
         return Estimate(value, stderr, num)
 
     k = n // 3
     key_s, key_g = jax.random.split(key)
-
-    # The range finder: images of the sketch, a chunk at a time, each folded into Q at once.
-    def sketch(basis: PyTree, batch: tuple) -> PyTree:
-        idx, ks = batch
-        images = _batched(lambda kk: apply(tree_random_rademacher(kk, like)), ks)
-        return _orthonormal_rows(basis, images, idx)
-
     zeros = jax.tree_util.tree_map(
-        lambda s: jnp.zeros((k, *s.shape), s.dtype, out_sharding=stacked_sharding(s)), like
+        lambda s: jnp.zeros((k, *s.shape), s.dtype, out_sharding=stacked_sharding(s)),
+        _probe_like(op),
     )
     sketch_chunk = min(chunk, k)
-    basis = _fold_chunks(sketch, zeros, (jnp.arange(k), jax.random.split(key_s, k)), sketch_chunk)
-
-    def exact(total: jax.Array, idx: jax.Array) -> jax.Array:
-        rows = jax.tree_util.tree_map(lambda b: b[idx], basis)
-        return total + jnp.sum(_batched(lambda q: tree_vdot(q, apply(q)), rows))
-
-    total = jnp.zeros((), krylov.krylov_dtype(like))
-    exact_trace = _fold_chunks(exact, total, jnp.arange(k), sketch_chunk)
+    sketch_keys = (jnp.arange(k), jax.random.split(key_s, k))
+    basis = _fold_chunks(_sketch_chunk, (op,), zeros, sketch_keys, sketch_chunk, host)
+    total = jnp.zeros((), krylov.krylov_dtype(_probe_like(op)))
+    exact_trace = _fold_chunks(_exact_chunk, (op, basis), total, jnp.arange(k), sketch_chunk, host)
 
     m = n - 2 * k
     keys = jax.random.split(key_g, m)
-    samples = _quadratic_samples(apply, like, keys, min(chunk, m), basis=basis)
+    samples = _quadratic_samples(op, keys, min(chunk, m), host, basis=basis)
     rest, stderr = _mean_and_stderr(samples)
     return Estimate(exact_trace + rest, stderr, num)
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _trace(op: LinearOperator, key: jax.Array, n: int, method: str, chunk: int) -> Estimate:
+    return _trace_impl(op.linearize(), key, n, method, chunk, host=False)
+
+
 def diagonal(
-    op: LinearOperator, key: jax.Array, *, num_probes: int = 100, chunk_size: int = PROBE_CHUNK
+    op: LinearOperator,
+    key: jax.Array,
+    *,
+    num_probes: int = 100,
+    chunk_size: int = PROBE_CHUNK,
+    loop: str = "auto",
 ) -> PyTree:
     r"""Estimate the diagonal of :math:`A` as a pytree shaped like the parameters.
 
@@ -309,7 +370,9 @@ def diagonal(
     unbiased, with entry :math:`i` carrying variance
     :math:`\sum_{l \ne i} A_{il}^2 / n` (exact for a diagonal operator, since
     :math:`z_i^2 = 1`). Probes run in chunks of ``chunk_size`` (a :func:`jax.lax.scan` over
-    chunks, one :func:`jax.vmap` inside). The operator's shift is included. Jit-compatible and
+    chunks, one :func:`jax.vmap` inside; or, with ``loop="host"``, one compiled call per chunk
+    from Python, as in :func:`trace`, which ``"auto"`` picks on CPU outside traced code for
+    products with a convolution). The operator's shift is included. Jit-compatible and
     vmappable over ``key``; gradients through it are not promised.
 
     Memory: ``4 * chunk_size + 4`` parameter-sized vectors (per probe of a chunk: its random
@@ -326,12 +389,14 @@ def diagonal(
         key: PRNG key for the probes.
         num_probes: number of probes (operator products), ``>= 1``.
         chunk_size: probes applied together in one batched product, ``>= 1``.
+        loop: ``"auto"``, ``"compiled"`` or ``"host"`` (see :func:`trace`); same result.
 
     Returns:
         A pytree with the structure, shapes and dtypes of ``op.like``.
 
     Raises:
-        ValueError: ``num_probes`` or ``chunk_size`` out of range.
+        ValueError: ``num_probes``, ``chunk_size`` or ``loop`` out of range, or
+            ``loop="host"`` inside traced code.
         InsufficientMemoryError: (a ``MemoryError``) the vectors cannot fit.
 
     Examples:
@@ -353,21 +418,29 @@ def diagonal(
         f"diagonal(num_probes={num_probes}, chunk_size={chunk})",
         reduce="a smaller chunk_size",
     )
+    if krylov.resolve_loop(loop, op, key) == "host":
+        return _diagonal_impl(krylov.linearized(op), key, num_probes, chunk, host=True)
     return _diagonal(op, key, num_probes, chunk)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _diagonal(op: LinearOperator, key: jax.Array, n: int, chunk: int) -> PyTree:
-    apply = krylov.product(op.linearize())
-    like = krylov.krylov_like(krylov.vector_like(op))
+def _diagonal_chunk(consts: tuple, total: PyTree, ks: jax.Array) -> PyTree:
+    (op,) = consts
+    apply, like = krylov.product(op), _probe_like(op)
 
     def product(key: jax.Array) -> PyTree:
         z = tree_random_rademacher(key, like)
         return jax.tree_util.tree_map(jnp.multiply, z, apply(z))
 
-    def body(total: PyTree, ks: jax.Array) -> PyTree:
-        part = jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), _batched(product, ks))
-        return tree_add(total, part)
+    part = jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), _batched(product, ks))
+    return tree_add(total, part)
 
-    total = _fold_chunks(body, tree_zeros_like(like), jax.random.split(key, n), chunk)
+
+def _diagonal_impl(op, key: jax.Array, n: int, chunk: int, host: bool) -> PyTree:
+    zeros = tree_zeros_like(_probe_like(op))
+    total = _fold_chunks(_diagonal_chunk, (op,), zeros, jax.random.split(key, n), chunk, host)
     return krylov.cast_like(tree_scale(1.0 / n, total), op.like)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _diagonal(op: LinearOperator, key: jax.Array, n: int, chunk: int) -> PyTree:
+    return _diagonal_impl(op.linearize(), key, n, chunk, host=False)

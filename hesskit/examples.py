@@ -515,7 +515,8 @@ class TransformerConfig:
         attention: ``implementation`` of :func:`jax.nn.dot_product_attention`. The default
             ``"xla"`` is plain ``jnp`` and differentiable to any order; ``"cudnn"`` (GPU, 16-bit
             dtypes) wraps fused kernels in a ``custom_vjp`` that forward-over-reverse cannot
-            differentiate; ``None`` lets JAX choose.
+            differentiate; ``None`` lets JAX choose. Either way the attention softmax runs in
+            float32 (JAX's choice), also for float64 models.
 
     Examples:
         >>> TransformerConfig.gpt2_small().num_params()
@@ -634,11 +635,13 @@ class Transformer(nnx.Module):
         self.wpe = nnx.Embed(config.context, d, embedding_init=init, **precision, rngs=rngs)
         self.blocks = _ModuleList([_Block(config, rngs=rngs) for _ in range(config.layers)])
         self.ln_f = nnx.LayerNorm(d, epsilon=1e-5, **precision, rngs=rngs)
-        self.head = None
+        # One assignment: nnx fixes an attribute's kind (static or data) when it is first set.
+        head = None
         if not config.tied_embeddings:
-            self.head = nnx.Linear(
+            head = nnx.Linear(
                 d, config.vocab_size, use_bias=False, kernel_init=init, **precision, rngs=rngs
             )
+        self.head = head
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """Logits ``(batch, time, vocab_size)`` of integer ``tokens`` ``(batch, time)``."""
@@ -697,10 +700,10 @@ def make_lm_loss(model: NnxModel) -> Callable[[PyTree, jax.Array], jax.Array]:
         \ell(\theta) = -\frac{1}{B T} \sum_{b, t} \log \operatorname{softmax}
         \big(f_\theta(w_{b, <t+1})_t\big)_{w_{b, t+1}}
 
-    in nats per token (divide by :math:`\ln 2` for bits per byte). The logits are cast to
-    float32 before the softmax, so bfloat16 models still get a float32 loss. The batch is an
-    argument, so ``hk.hessian_operator(loss, params, batch)`` keeps it as an operator leaf and
-    a new batch of the same shape reuses every compiled solver.
+    in nats per token (divide by :math:`\ln 2` for bits per byte). The logits are cast to at
+    least float32 before the softmax, so bfloat16 models still get a float32 loss. The batch is
+    an argument, so ``hk.hessian_operator(loss, params, batch)`` keeps it as an operator leaf
+    and a new batch of the same shape reuses every compiled solver.
 
     Args:
         model: an :class:`NnxModel` from :func:`make_transformer`.
@@ -717,7 +720,9 @@ def make_lm_loss(model: NnxModel) -> Callable[[PyTree, jax.Array], jax.Array]:
     """
 
     def loss(params: PyTree, batch: jax.Array) -> jax.Array:
-        logits = model.apply(params, batch[:, :-1]).astype(jnp.float32)
+        logits = model.apply(params, batch[:, :-1])
+        # Up to float32 at least (bfloat16 log-softmax loses digits), never down from float64.
+        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
     return loss

@@ -516,7 +516,11 @@ def plot_preconditioner_agreement(
         ax.axhline(0.0, color="0.6", lw=0.8)
         ax.set_ylim(-1.05, 1.05)
         if t.min() > 0 and t.max() / t.min() > 20:
+            from matplotlib.ticker import NullFormatter
+
             ax.set_xscale("log")
+            # Labels on the minor ticks too would overlap on a few decades.
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("training step")
         ax.set_ylabel({"spearman": "Spearman ρ", "pearson_log": "Pearson r of log10"}[measure])
         ax.set_title(f"√v vs {ref}", fontsize="medium")

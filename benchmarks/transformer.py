@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 
 import hesskit as hk
 from hesskit.examples import (
@@ -126,23 +127,40 @@ def memory_row(exe: Any) -> dict:
     return row
 
 
-def compile_and_time(fn: Callable, args: tuple, repeats: int, per_call: int = 1) -> dict:
-    """Lower and compile ``jit(fn)`` once, then time the executable (median of ``repeats``)."""
-    t0 = time.perf_counter()
-    exe = jax.jit(fn).lower(*args).compile()
-    compile_s = time.perf_counter() - t0
-    jax.block_until_ready(exe(*args))  # the first run pays one-off transfers and allocation
-    runs = []
-    for _ in range(repeats):
+def compile_all(cases: list[tuple[str, Callable, tuple, int]]) -> dict[str, dict]:
+    """Lower and compile each ``jit(fn)`` once: executable, compile seconds, memory analysis."""
+    out = {}
+    for name, fn, args, per in cases:
+        print(f"  {name} ...", flush=True)
         t0 = time.perf_counter()
-        jax.block_until_ready(exe(*args))
-        runs.append(time.perf_counter() - t0)
-    return {
-        "ms": 1e3 * statistics.median(runs) / per_call,
-        "compile_s": compile_s,
-        "memory": memory_row(exe),
-        "device_peak_bytes": device_peak_bytes(),
-    }
+        exe = jax.jit(fn).lower(*args).compile()
+        compile_s = time.perf_counter() - t0
+        jax.block_until_ready(exe(*args))  # the first run pays one-off transfers and allocation
+        out[name] = {
+            "exe": exe,
+            "args": args,
+            "per": per,
+            "compile_s": compile_s,
+            "memory": memory_row(exe),
+            "device_peak_bytes": device_peak_bytes(),
+            "device_bytes_in_use_after": device_bytes_in_use(),
+        }
+    return out
+
+
+def interleaved_ms(compiled: dict[str, dict], repeats: int) -> dict[str, float]:
+    """Median milliseconds per product of each executable, timed in alternation.
+
+    One call of each per round, ``repeats`` rounds: on a shared or throttling machine a slow
+    stretch then slows every case alike instead of whichever ran during it.
+    """
+    runs: dict[str, list[float]] = {name: [] for name in compiled}
+    for _ in range(repeats):
+        for name, c in compiled.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(c["exe"](*c["args"]))
+            runs[name].append((time.perf_counter() - t0) / c["per"])
+    return {name: 1e3 * statistics.median(r) for name, r in runs.items()}
 
 
 # -- The parts --------------------------------------------------------------------------------
@@ -185,15 +203,14 @@ def product_costs(loss, params, batch, *, repeats: int, loop_n: int) -> dict:
          (params, batch, v), 1),
         (f"linearized product (fori_loop of {loop_n})", in_loop, (op, v), loop_n),
     ]  # fmt: skip
+    compiled = compile_all(cases)
+    ms = interleaved_ms(compiled, repeats)
     rows = {}
-    for name, fn, args, per in cases:
-        print(f"  {name} ...", flush=True)
-        rows[name] = compile_and_time(fn, args, repeats, per)
-        rows[name]["device_bytes_in_use_after"] = device_bytes_in_use()
-    unit = rows["grad"]["ms"]
-    for r in rows.values():
-        r["ratio_to_grad"] = r["ms"] / unit
-    return {"mode": op.mode, "rows": rows}
+    for name, c in compiled.items():
+        rows[name] = {k: v for k, v in c.items() if k not in ("exe", "args", "per")}
+        rows[name]["ms"] = ms[name]
+        rows[name]["ratio_to_grad"] = ms[name] / ms["grad"]
+    return {"mode": op.mode, "repeats": repeats, "rows": rows}
 
 
 def krylov_dim_used(op, k: int, which: str, max_matvecs: int) -> int | None:
@@ -337,7 +354,12 @@ def to_markdown(out: dict) -> str:
         f"(tied embeddings, vocabulary {run['vocab_size']} bytes, {run['layers']} layers, width "
         f"{run['width']}, {run['heads']} heads, {run['positions']} positions); fixed batch "
         f"{run['batch']} x {run['context']} tokens of the stdlib corpus "
-        f"({run['corpus_bytes']:,} bytes). HVP mode `{run.get('hvp_mode', 'n/a')}`.",
+        f"({run['corpus_bytes']:,} bytes). HVP mode `{run.get('hvp_mode', 'n/a')}`; "
+        + (
+            "the Hessian over one raveled vector (`--flat`)."
+            if run.get("flat")
+            else "the Hessian over the parameter pytree as it is."
+        ),  # fmt: skip
         "",
     ]
     if "stage" in meta:
@@ -362,6 +384,9 @@ def to_markdown(out: dict) -> str:
         "",
         "Peak = arguments + outputs - aliased + XLA temporaries (`memory_analysis()`); the device "
         "peak is the allocator's lifetime high-water mark after the call (accelerators only).",
+        "",
+        f"Medians of {out.get('products', {}).get('repeats')} rounds, the cases timed in "
+        "alternation.",
         "",
         "| what | ms | / grad | compile s | peak (XLA) | temporaries | device peak |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -457,6 +482,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--corpus-bytes", type=int, default=1 << 22)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--flat",
+        action="store_true",
+        help="the Hessian over one raveled parameter vector (one leaf) instead of the pytree",
+    )
+    parser.add_argument(
         "--compile-check",
         action="store_true",
         help="also compile (not run) GPT-2 small's gradient and HVP at the check size",
@@ -471,7 +501,7 @@ def main(argv=None) -> dict:
     steps = d["steps"] if args.steps is None else args.steps
     lr = args.lr or d["lr"]
     precision = "bf16" if args.bf16 else "mixed" if args.mixed else "float32"
-    repeats = args.repeats or (2 if args.quick else 10)
+    repeats = args.repeats or (3 if args.quick else 30 if args.config == "tiny" else 10)
     slq_runs = (2 if args.quick else 4) if args.slq_runs is None else args.slq_runs
     slq_iters = args.slq_iters or (20 if args.quick else 60)
     max_matvecs = min(args.max_matvecs, 120) if args.quick else args.max_matvecs
@@ -486,6 +516,7 @@ def main(argv=None) -> dict:
     name = f"transformer-{jax.default_backend()}"
     name += "" if args.config == "tiny" else f"-{args.config}"
     name += "" if precision == "float32" else f"-{precision}"
+    name += "-flat" if args.flat else ""
     name += "-quick" if args.quick else ""
     stem = folder / name
 
@@ -518,6 +549,7 @@ def main(argv=None) -> dict:
             "width": cfg.width,
             "heads": cfg.heads,
             "positions": cfg.context,
+            "flat": args.flat,
             "batch": batch,
             "context": context,
             "tokens": batch * context,
@@ -549,12 +581,21 @@ def main(argv=None) -> dict:
     save("training")
 
     print("products ...", flush=True)
+    hloss, hparams = loss, params
+    if args.flat:
+        # One leaf: the solvers' per-leaf work (and compiled program) does not grow with the
+        # model's ~150 arrays; each product pays one ravel and one unravel.
+        hparams, unravel = ravel_pytree(params)
+
+        def hloss(z, batch):
+            return loss(unravel(z), batch)
+
     out["products"] = product_costs(
-        loss, params, fixed, repeats=repeats, loop_n=3 if args.quick else 10
+        hloss, hparams, fixed, repeats=repeats, loop_n=3 if args.quick else 10
     )
     out["run"]["hvp_mode"] = out["products"]["mode"]
     save("products")
-    op = hk.hessian_operator(loss, params, fixed)
+    op = hk.hessian_operator(hloss, hparams, fixed)
     out["eigsh"] = {}
     for label in problems:
         out["eigsh"].update(

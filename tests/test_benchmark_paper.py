@@ -35,3 +35,10 @@ def test_paper_benchmark_quick(tmp_path):
     # Rayleigh quotients on the full Hessian of unit vectors lie within its spectrum's extremes.
     assert max(sub["top"]["full_rayleigh"]) <= rows[-1]["top"][0] * 1.01
     assert "label noise" in saved["regimes"]
+    # The figures: eigenvalue tracks per regime and the subset curve, redrawable from the JSON.
+    pngs = {p.name for p in tmp_path.glob("*.png")}
+    assert {"paper-cnn-quick-memorising.png", "paper-cnn-quick-label-noise.png"} <= pngs
+    assert "paper-cnn-quick-subsets.png" in pngs
+    (tmp_path / "paper-cnn-quick-subsets.png").unlink()
+    paper_benchmark.main(["--figures", str(tmp_path / "paper-cnn-quick.json")])
+    assert (tmp_path / "paper-cnn-quick-subsets.png").stat().st_size > 1000

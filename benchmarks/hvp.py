@@ -4,21 +4,30 @@ For each model (the digits MLP 64-256-256-10, about 85k parameters, on a batch o
 small ReLU CNN) this times, after compilation, the median of:
 
 * ``grad``: one jitted gradient (the unit of every ratio);
-* ``hvp``: one jitted :func:`hesskit.hvp` (jvp of grad, forward + backward from scratch);
-* ``rev-over-rev``: grad of <grad, v>, the other exact HVP, for comparison;
-* ``matvec (jvp-of-grad)``: the operator applied repeatedly inside one compiled loop, as a
-  solver does, without sharing work between products;
-* ``matvec (linearized)``: the same loop after ``op.linearize()`` (forward and backward once,
-  then only the tangent pass per product) -- what hesskit's solvers use;
-* ``fd_hvp``: the central finite difference (two gradients);
+* ``hk.hvp mode=M (jit)`` for each product mode ``M`` of :func:`hesskit.hvp`: one jitted
+  ``hk.hvp(f, params, v, mode=M)``, a product from scratch. ``fwd-rev`` is the jvp of the
+  gradient (what ``mode="auto"`` picks where forward mode lowers), ``rev-rev`` the vjp of the
+  gradient (auto's fallback for a ``custom_vjp`` loss), ``fd`` the central difference of two
+  gradients (the product of :func:`hesskit.fd_hvp`);
+* ``op mode=M, N in fori_loop (linearized)``: ``hessian_operator(loss, params, data,
+  mode=M).linearize()`` applied ``N`` times inside one compiled ``lax.fori_loop``, as
+  ``loop="compiled"`` solvers do (one forward and backward pass, then per product only the
+  tangent pass for fwd-rev or the cotangent pass for rev-rev; fd shares nothing), and
+  ``op mode=M, N jitted calls from Python (linearized)``: the same products dispatched one by
+  one from Python, as ``loop="host"`` solvers do (XLA's CPU backend runs convolutions inside
+  loops many times slower, jax-ml/jax#12868: compare the two rows on the CNN);
+* ``op mode=fwd-rev, N in fori_loop (not linearized)``: the same loop without sharing work
+  between products;
 * ``hk.hvp eager``: :func:`hesskit.hvp` called outside ``jit``, as the quickstart does (its
   first call compiles once per function and shapes, later calls reuse the executable), and
   ``op(v) eager``: an operator's product called outside ``jit`` (and ``new operator +
   op(v)``: building the operator each time, which validates the loss); for these rows the compile
   column is the first call's time and ``/ jit hvp`` compares a repeated call with the jitted
-  ``hvp`` row;
+  ``hk.hvp mode=fwd-rev`` row;
 
-plus compile times. Usage::
+plus compile times, and a summary table of each mode's cost per product in gradients. The
+cases are timed in interleaved rounds (each case once per round, ``repeats`` rounds, medians),
+so a drifting load on a shared machine moves every row alike. Usage::
 
     python benchmarks/hvp.py          # full sizes; saves results/hvp-<backend>.{json,md}
     python benchmarks/hvp.py --quick  # tiny sizes, one repeat (run by the test suite)
@@ -42,19 +51,6 @@ from hesskit.examples import load_digits, make_classifier, make_loss
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
-def timed(fn, *args, repeats: int) -> tuple[float, float]:
-    """Return (compile seconds, median run seconds) of a jitted ``fn``."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    compile_s = time.perf_counter() - t0
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        runs.append(time.perf_counter() - t0)
-    return compile_s, statistics.median(runs)
-
-
 def trained_point(model: str, n: int, steps: int, seed: int = 0):
     data = load_digits(n, seed=seed)
     module, params = make_classifier(model, key=jax.random.key(seed), sample=data.x[:1])
@@ -73,6 +69,10 @@ def trained_point(model: str, n: int, steps: int, seed: int = 0):
     return params, data, loss
 
 
+MODES = ("fwd-rev", "rev-rev", "fd")
+JIT_HVP = "hk.hvp mode=fwd-rev (jit)"
+
+
 def bench_model(model: str, n: int, steps: int, repeats: int, loop: int) -> dict:
     params, data, loss = trained_point(model, n, steps)
     f = lambda p: loss(p, data)  # noqa: E731
@@ -80,14 +80,13 @@ def bench_model(model: str, n: int, steps: int, repeats: int, loop: int) -> dict
     dim = hk.tree_dim(params)
 
     grad = jax.jit(jax.grad(f))
-    hvp = jax.jit(lambda p, v: hk.hvp(f, p, v))
-    rev = jax.jit(lambda p, v: jax.grad(lambda q: hk.tree_vdot(jax.grad(f)(q), v))(p))
-    fd = jax.jit(lambda p, v: hk.fd_hvp(f, p, v))
 
-    def repeated(linearize: bool):
+    def jit_hvp(mode: str):
+        return jax.jit(lambda p, v: hk.hvp(f, p, v, mode=mode))
+
+    def in_loop(linearize: bool):
         @jax.jit
-        def run(p, v):
-            op = hk.hessian_operator(f, p)
+        def run(op, v):
             if linearize:
                 op = op.linearize()
 
@@ -98,33 +97,64 @@ def bench_model(model: str, n: int, steps: int, repeats: int, loop: int) -> dict
 
         return run
 
-    op = hk.hessian_operator(loss, params, data)
-    rows = {}
-    for name, fn, args in [
-        ("grad", grad, (params,)),
-        ("hvp (jvp-of-grad)", hvp, (params, v)),
-        ("hvp (rev-over-rev)", rev, (params, v)),
-        ("fd_hvp", fd, (params, v)),
-        ("matvec in loop (jvp-of-grad)", repeated(False), (params, v)),
-        ("matvec in loop (linearized)", repeated(True), (params, v)),
-        # f is new to hesskit's eager cache here (the jitted row above traced it inline), so
+    linearized = jax.jit(lambda op: op.linearize())
+    step = jax.jit(lambda lin, v: hk.tree_normalize(lin(v))[0])
+
+    def from_python(op):
+        # The linearization is the solver's one-off cost: outside the timed products.
+        lin = jax.block_until_ready(linearized(op))
+
+        def run(v):
+            for _ in range(loop):
+                v = step(lin, v)
+            return v
+
+        return run
+
+    ops = {m: hk.hessian_operator(loss, params, data, mode=m) for m in MODES}
+    cases = [("grad", grad, (params,))]
+    cases += [(f"hk.hvp mode={m} (jit)", jit_hvp(m), (params, v)) for m in MODES]
+    for m in MODES:
+        cases += [
+            (f"op mode={m}, {loop} in fori_loop (linearized)", in_loop(True), (ops[m], v)),
+            (
+                f"op mode={m}, {loop} jitted calls from Python (linearized)",
+                from_python(ops[m]),
+                (v,),
+            ),
+        ]
+    op = ops["fwd-rev"]
+    cases += [
+        (f"op mode=fwd-rev, {loop} in fori_loop (not linearized)", in_loop(False), (op, v)),
+        # f is new to hesskit's eager cache here (the jitted rows above traced it inline), so
         # the first call includes the one compile.
         ("hk.hvp eager", lambda p, v: hk.hvp(f, p, v), (params, v)),
         ("op(v) eager", lambda v: op(v), (v,)),
         ("new operator + op(v) eager", lambda v: hk.hessian_operator(loss, params, data)(v), (v,)),
-    ]:
-        # Eager calls take milliseconds at most: more repeats keep their median stable.
-        reps = max(repeats, 20) if "eager" in name else repeats
-        compile_s, median_s = timed(fn, *args, repeats=reps)
-        per = median_s / loop if "loop" in name else median_s
-        rows[name] = {"compile_s": compile_s, "median_ms": 1e3 * per}
+    ]
+    rows = {}
+    for name, fn, args in cases:
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        rows[name] = {"compile_s": time.perf_counter() - t0}
+    # Interleaved rounds, every case once per round: on a shared machine the load drifts over
+    # minutes, and timing each case in its own block would put that drift into the ratios.
+    runs: dict[str, list[float]] = {name: [] for name, _, _ in cases}
+    for _ in range(repeats):
+        for name, fn, args in cases:
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            runs[name].append(time.perf_counter() - t0)
+    for name, _, _ in cases:
+        per = loop if name.startswith("op mode=") else 1
+        rows[name]["median_ms"] = 1e3 * statistics.median(runs[name]) / per
     g = rows["grad"]["median_ms"]
-    jitted = rows["hvp (jvp-of-grad)"]["median_ms"]
+    jitted = rows[JIT_HVP]["median_ms"]
     for name, r in rows.items():
         r["ratio_to_grad"] = r["median_ms"] / g
         if "eager" in name:
             r["ratio_to_jit_hvp"] = r["median_ms"] / jitted
-    return {"model": model, "params": dim, "batch": n, "rows": rows}
+    return {"model": model, "params": dim, "batch": n, "loop": loop, "rows": rows}
 
 
 def to_markdown(results: list[dict], meta: dict) -> str:
@@ -134,6 +164,30 @@ def to_markdown(results: list[dict], meta: dict) -> str:
         f"jax {meta['jax']}, {meta['date']}, repeats {meta['repeats']}, loop {meta['loop']}.",
         "",
     ]
+    loop = meta["loop"]
+    lines += [
+        "## Per product, in gradients, by mode",
+        "",
+        "`hk.hvp` jitted (a product from scratch), and the linearized operator inside one "
+        'compiled loop (`loop="compiled"` solvers) and called from Python '
+        '(`loop="host"` solvers).',
+        "",
+        "| model | product | fwd-rev | rev-rev | fd |",
+        "|---|---|---:|---:|---:|",
+    ]
+    kinds = [
+        ("hk.hvp (jit)", "hk.hvp mode={m} (jit)"),
+        ("operator in fori_loop", "op mode={m}, " + f"{loop} in fori_loop (linearized)"),
+        (
+            "operator from Python",
+            "op mode={m}, " + f"{loop} jitted calls from Python (linearized)",
+        ),
+    ]
+    for res in results:
+        for label, pattern in kinds:
+            cells = [f"{res['rows'][pattern.format(m=m)]['ratio_to_grad']:.2f}" for m in MODES]
+            lines.append(f"| {res['model']} | {label} | " + " | ".join(cells) + " |")
+    lines.append("")
     for res in results:
         lines += [
             f"## {res['model']}: {res['params']} parameters, batch {res['batch']}",
@@ -159,7 +213,7 @@ def main(argv=None) -> dict:
         repeats, loop = 1, 3
     else:
         configs = [("mlp-large", 512, 300), ("cnn", 512, 300)]
-        repeats, loop = 30, 20
+        repeats, loop = 20, 20
     results = [bench_model(m, n, s, repeats, loop) for m, n, s in configs]
     meta = {
         "backend": jax.default_backend(),

@@ -796,7 +796,10 @@ def write_markdown(report: dict, path: str) -> None:
         if adam and adam["checkpoints"]:
             head, rows, lhead, lrows = _adam_rows(adam)
             lines += ["### Adam against the Hessian", "", _adam_intro(adam), ""]
+            layer_note = f"Per layer at step {adam['checkpoints'][-1]['step']}:"
             for h, body in ((head, rows), (lhead, lrows)):
+                if h is lhead:
+                    lines += [layer_note, ""]
                 lines.append("| " + " | ".join(map(_fmt_md, h)) + " |")
                 lines.append("|" + "---|" * len(h))
                 lines += ["| " + " | ".join(map(_fmt_md, r)) + " |" for r in body]

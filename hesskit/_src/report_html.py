@@ -179,6 +179,7 @@ def render_html(report: dict, out_dir: str) -> str:
             body.append("<h3>Adam against the Hessian</h3>")
             body.append(f"<p>{_e(_adam_intro(adam))}</p>")
             body.append(_table(head, rows, numeric=set(range(len(head)))))
+            body.append(f"<p>Per layer at step {_e(adam['checkpoints'][-1]['step'])}:</p>")
             body.append(_table(lhead, lrows, numeric=set(range(1, len(lhead)))))
             body.append(
                 '<ul class="findings">' + "".join(map(_finding, _adam_findings(adam))) + "</ul>"

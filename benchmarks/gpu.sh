@@ -17,6 +17,8 @@
 # what it measured). The exit status is nonzero when any step failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The working tree's hesskit, installed or not (an offline machine may refuse the install).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-benchmarks/results}"
 mkdir -p "$OUT"
 LOG="$OUT/gpu-session.log"

@@ -276,16 +276,16 @@ def to_markdown(out: dict) -> str:
     for name, reg in out["regimes"].items():
         lines += ["", f"## {name} (label noise {reg['label_noise']:.0%})", ""]
         lines.append(
-            "| step | loss | LA | SA | λmax/\\|λmin\\| | products | top Δλ | top cluster angle |"
+            "| step | loss | LA | SA | λmax/\\|λmin\\| | products | converged | top Δλ | top cluster angle |"  # noqa: E501
         )
-        lines.append("|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
         for r in reg["checkpoints"]:
             ch = r.get("change", {}).get("top")
             d = f"{max(ch['rel_change']):.1%}" if ch else ""
             a = f"{max(ch['cluster_angles_deg']):.0f}°" if ch else ""
             lines.append(
                 f"| {r['step']} | {r['loss']:.4g} | {np.round(r['top'], 3).tolist()} | "
-                f"{np.round(r['bottom'], 4).tolist()} | {r['ratio']:.1f} | {r['products']} | {d} | {a} |"  # noqa: E501
+                f"{np.round(r['bottom'], 4).tolist()} | {r['ratio']:.1f} | {r['products']} | {r['converged']}/{len(r['top']) + len(r['bottom'])} | {d} | {a} |"  # noqa: E501
             )
         for r in reg["checkpoints"]:
             if "directional" in r:
@@ -379,11 +379,14 @@ def main(argv=None) -> dict:
     p.add_argument("--fracs", default="0.05,0.1,0.25,0.5,1.0")
     p.add_argument("--grid", type=int, default=200, help="step sizes per direction")
     p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--figures", metavar="JSON", help="only redraw the figures of a saved run")
+    p.add_argument(
+        "--figures", metavar="JSON", help="only redraw the figures and markdown of a saved run"
+    )
     args = p.parse_args(argv)
     if args.figures:
         saved = pathlib.Path(args.figures)
         out = json.loads(saved.read_text())
+        saved.with_suffix(".md").write_text(to_markdown(out))
         for path in figures(out, saved.with_suffix("")):
             print(path)
         return out

@@ -169,6 +169,10 @@ def vector_like(op: Any) -> PyTree:
     """
     if not any(leaf_sharding(x) is not None for x in jax.tree_util.tree_leaves(op)):
         return op.like
+    if all(s.sharding is not None for s in jax.tree_util.tree_leaves(op.like)):
+        # Already read off (see with_vector_like): a linearized operator cannot be evaluated on
+        # unsharded zeros, its residuals fix the tangents' sharding.
+        return op.like
     zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), op.like)
     out = jax.eval_shape(op, zeros)
     return jax.tree_util.tree_map(
@@ -176,6 +180,22 @@ def vector_like(op: Any) -> PyTree:
         out,
         op.like,
     )
+
+
+def with_vector_like(lin: Any, op: Any) -> Any:
+    """``lin`` (``op`` linearized) with ``op``'s :func:`vector_like` as its ``like``.
+
+    Under ``Explicit`` mesh axes the vectors' shardings are read off an abstract product of
+    ``op``; the linearized operator's own product only accepts tangents that already carry them.
+    """
+    if lin is op:
+        return op
+    like = vector_like(op)
+    if like is op.like:
+        return lin
+    out = lin.__replace__()
+    out.like = like
+    return out
 
 
 def krylov_dtype(like: PyTree) -> jnp.dtype:

@@ -278,7 +278,8 @@ def trace(
         reduce="a smaller chunk_size" + (" or fewer num_probes" if method == "hutch++" else ""),
     )
     if krylov.resolve_loop(loop, op, key) == "host":
-        return _trace_impl(krylov.linearized(op), key, num_probes, method, chunk, host=True)
+        lin = krylov.with_vector_like(krylov.linearized(op), op)
+        return _trace_impl(lin, key, num_probes, method, chunk, host=True)
     return _trace(op, key, num_probes, method, chunk)
 
 
@@ -349,7 +350,9 @@ def _trace_impl(op, key: jax.Array, n: int, method: str, chunk: int, host: bool)
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
 def _trace(op: LinearOperator, key: jax.Array, n: int, method: str, chunk: int) -> Estimate:
-    return _trace_impl(op.linearize(), key, n, method, chunk, host=False)
+    return _trace_impl(
+        krylov.with_vector_like(op.linearize(), op), key, n, method, chunk, host=False
+    )
 
 
 def diagonal(
@@ -419,7 +422,8 @@ def diagonal(
         reduce="a smaller chunk_size",
     )
     if krylov.resolve_loop(loop, op, key) == "host":
-        return _diagonal_impl(krylov.linearized(op), key, num_probes, chunk, host=True)
+        lin = krylov.with_vector_like(krylov.linearized(op), op)
+        return _diagonal_impl(lin, key, num_probes, chunk, host=True)
     return _diagonal(op, key, num_probes, chunk)
 
 
@@ -443,4 +447,4 @@ def _diagonal_impl(op, key: jax.Array, n: int, chunk: int, host: bool) -> PyTree
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _diagonal(op: LinearOperator, key: jax.Array, n: int, chunk: int) -> PyTree:
-    return _diagonal_impl(op.linearize(), key, n, chunk, host=False)
+    return _diagonal_impl(krylov.with_vector_like(op.linearize(), op), key, n, chunk, host=False)

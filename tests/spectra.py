@@ -80,3 +80,22 @@ SPECTRA = {
     # near-singular: many exact zeros
     "near_singular": np.concatenate([np.zeros(20), np.linspace(0.5, 3.0, 20)]),
 }
+
+
+def _conv_loss(p, x, y):
+    h = jax.lax.conv_general_dilated(
+        x, p["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return jnp.mean((jnp.tanh(h).reshape(x.shape[0], -1) @ p["w"] - y) ** 2)
+
+
+def conv_operator(damping: float = 0.0) -> hk.LinearOperator:
+    """The Hessian of a tiny float64 conv net: ``loop="auto"`` picks the host loop on CPU."""
+    k = jax.random.split(jax.random.key(5), 4)
+    params = {
+        "k": 0.5 * jax.random.normal(k[0], (3, 3, 1, 2), jnp.float64),
+        "w": 0.3 * jax.random.normal(k[1], (2 * 4 * 4, 2), jnp.float64),
+    }
+    x = jax.random.normal(k[2], (6, 4, 4, 1), jnp.float64)
+    y = jax.random.normal(k[3], (6, 2), jnp.float64)
+    return hk.hessian_operator(_conv_loss, params, x, y, damping=damping)

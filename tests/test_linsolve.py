@@ -5,7 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
-from spectra import SPECTRA, dense_operator, matrix_with_spectrum, pytree_operator
+from spectra import (
+    SPECTRA,
+    conv_operator,
+    dense_operator,
+    matrix_with_spectrum,
+    pytree_operator,
+)
 
 import hesskit as hk
 from hesskit._src import linsolve
@@ -220,33 +226,15 @@ def test_mismatched_rhs_is_rejected():
 
 
 # -- Loop strategies (as eigsh's): one compiled iteration per host call against one while loop --
-def _conv_loss(p, x, y):
-    h = jax.lax.conv_general_dilated(
-        x, p["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
-    return jnp.mean((jnp.tanh(h).reshape(x.shape[0], -1) @ p["w"] - y) ** 2)
-
-
-def _conv_operator(damping):
-    k = jax.random.split(jax.random.key(5), 4)
-    params = {
-        "k": 0.5 * jax.random.normal(k[0], (3, 3, 1, 2), jnp.float64),
-        "w": 0.3 * jax.random.normal(k[1], (2 * 4 * 4, 2), jnp.float64),
-    }
-    x = jax.random.normal(k[2], (6, 4, 4, 1), jnp.float64)
-    y = jax.random.normal(k[3], (6, 2), jnp.float64)
-    return hk.hessian_operator(_conv_loss, params, x, y, damping=damping)
-
-
 @pytest.mark.parametrize("method", ["cg", "minres"])
 def test_host_and_compiled_loops_give_the_same_solve(method):
     # The Hessian's spectrum is about [-5, 7.7]: damping 6 makes it definite, 0.1 does not.
-    op = _conv_operator(damping=6.0)
+    op = conv_operator(damping=6.0)
     b = jax.tree_util.tree_map(lambda s: jnp.ones(s.shape, s.dtype), op.like)
     x0 = jax.tree_util.tree_map(lambda a: 0.1 * a, b)
     cases = [(op, {}, True), (op, {"x0": x0}, True), (op, {"max_iters": 5}, False)]
     if method == "cg":
-        cases.append((_conv_operator(damping=0.1), {}, False))  # stops on negative curvature
+        cases.append((conv_operator(damping=0.1), {}, False))  # stops on negative curvature
     for o, kw, converges in cases:
         host = hk.solve(o, b, method=method, tol=1e-10, loop="host", **kw)
         comp = hk.solve(o, b, method=method, tol=1e-10, loop="compiled", **kw)
@@ -263,7 +251,7 @@ def test_host_and_compiled_loops_give_the_same_solve(method):
 
 
 def test_auto_loop_is_host_eagerly_on_cpu_compiled_under_jit(monkeypatch):
-    op = _conv_operator(damping=6.0)
+    op = conv_operator(damping=6.0)
     b = jax.tree_util.tree_map(lambda s: jnp.ones(s.shape, s.dtype), op.like)
     calls = []
     real = linsolve._solve_host

@@ -5,7 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
-from spectra import SPECTRA, dense_operator, matrix_with_spectrum, pytree_operator
+from spectra import (
+    SPECTRA,
+    conv_operator,
+    dense_operator,
+    matrix_with_spectrum,
+    pytree_operator,
+)
 
 import hesskit as hk
 from hesskit._src import krylov, stochastic
@@ -236,26 +242,8 @@ def test_hutchpp_basis_is_orthonormal_or_zero():
 
 
 # -- Loop strategies (as eigsh's): host-dispatched chunks against one compiled scan -------------
-def _conv_loss(p, x, y):
-    h = jax.lax.conv_general_dilated(
-        x, p["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
-    return jnp.mean((jnp.tanh(h).reshape(x.shape[0], -1) @ p["w"] - y) ** 2)
-
-
-def _conv_operator():
-    k = jax.random.split(jax.random.key(5), 4)
-    params = {
-        "k": 0.5 * jax.random.normal(k[0], (3, 3, 1, 2), jnp.float64),
-        "w": 0.3 * jax.random.normal(k[1], (2 * 4 * 4, 2), jnp.float64),
-    }
-    x = jax.random.normal(k[2], (6, 4, 4, 1), jnp.float64)
-    y = jax.random.normal(k[3], (6, 2), jnp.float64)
-    return hk.hessian_operator(_conv_loss, params, x, y)
-
-
 def test_host_and_compiled_loops_give_the_same_estimates():
-    op = _conv_operator()
+    op = conv_operator()
     assert krylov.loop_penalized(op) == (jax.default_backend() == "cpu")
     key = jax.random.key(4)
     # Ragged chunks everywhere: 7 probes in chunks of 3; Hutch++ with 20 probes (k = 6) in 4s.
@@ -277,7 +265,7 @@ def test_host_and_compiled_loops_give_the_same_estimates():
 
 
 def test_auto_loop_is_host_eagerly_on_cpu_compiled_under_jit(monkeypatch):
-    op = _conv_operator()
+    op = conv_operator()
     key = jax.random.key(1)
     calls = []
     real = stochastic._host_body

@@ -456,3 +456,38 @@ def test_bad_chunk_size_and_data():
         hk.mean_hessian_operator(loss, params, (x, y[:5]), chunk_size=4)
     with pytest.raises(ValueError, match="leading example axis"):
         hk.mean_hessian_operator(loss, params, (x, jnp.asarray(1.0)), chunk_size=4)
+
+
+def _chunk_conv_loss(p, chunk):
+    x, y = chunk
+    h = jax.lax.conv_general_dilated(
+        x, p["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return jnp.mean((jnp.tanh(h).reshape(x.shape[0], -1) @ p["w"] - y) ** 2)
+
+
+def _kernel_unroll(op):
+    return op._matvec.func.unroll
+
+
+def test_mean_hessian_operator_unroll_auto_unrolls_convolutions_on_cpu():
+    # A convolution inside the chunk scan runs many times slower on XLA:CPU (jax-ml/jax#12868),
+    # so "auto" unrolls the chunks there; anything else keeps a rolled scan. Same numbers.
+    k = jax.random.split(jax.random.key(2), 4)
+    params = {
+        "k": 0.5 * jax.random.normal(k[0], (3, 3, 1, 2), WIDE),
+        "w": 0.3 * jax.random.normal(k[1], (2 * 4 * 4, 2), WIDE),
+    }
+    data = (jax.random.normal(k[2], (7, 4, 4, 1), WIDE), jax.random.normal(k[3], (7, 2), WIDE))
+    op = hk.mean_hessian_operator(_chunk_conv_loss, params, data, chunk_size=3)
+    rolled = hk.mean_hessian_operator(_chunk_conv_loss, params, data, chunk_size=3, unroll=1)
+    assert _kernel_unroll(op) == (True if jax.default_backend() == "cpu" else 1)
+    assert _kernel_unroll(rolled) == 1
+    np.testing.assert_allclose(to_dense(op), to_dense(rolled), **TOL[WIDE])
+    np.testing.assert_allclose(
+        to_dense(op), _dense_with_args(_chunk_conv_loss, params, data), **TOL[WIDE]
+    )
+    mlp_params, (x, y), _, loss = mlp_problem(WIDE, n=10)
+    assert _kernel_unroll(hk.mean_hessian_operator(loss, mlp_params, (x, y), chunk_size=4)) == 1
+    with pytest.raises(ValueError, match="unroll must be"):
+        hk.mean_hessian_operator(loss, mlp_params, (x, y), chunk_size=4, unroll="yes")

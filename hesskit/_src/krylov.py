@@ -53,6 +53,7 @@ __all__ = [
     "is_traced",
     "linearized",
     "loop_penalized",
+    "loop_penalized_fn",
     "resolve_loop",
     "rows_per_block",
     "krylov_like",
@@ -693,6 +694,16 @@ def _product_primitives(treedef: Any, avals: tuple) -> frozenset[str]:
     op = jax.tree_util.tree_unflatten(treedef, leaves)
     v = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), op.like)
     return frozenset(_primitives(jax.make_jaxpr(lambda o, x: o(x))(op, v).jaxpr))
+
+
+def loop_penalized_fn(fn: Callable, *args: Any) -> bool:
+    """Whether ``fn(*args)`` would run slower in a loop body: CPU and a penalized primitive.
+
+    ``args`` may be arrays or ``jax.ShapeDtypeStruct``s; nothing is computed.
+    """
+    if jax.default_backend() != "cpu":
+        return False
+    return bool(_primitives(jax.make_jaxpr(fn)(*args).jaxpr) & _LOOP_PENALIZED)
 
 
 def loop_penalized(op: Any) -> bool:

@@ -248,32 +248,33 @@ PROBLEMS = {
 }
 
 
-def _median_time(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
-
-
-def product_ratios(prob: Problem, repeats: int = 20) -> dict[str, float]:
+def product_ratios(prob: Problem, repeats: int = 30) -> dict[str, float]:
     """Time of a jitted HVP and of a jitted GGN product over a jitted gradient (medians).
 
     The same point and data; each product is a fresh one (``hk.hvp``, ``hk.ggn_operator(...)``
-    applied once), as the gradient is.
+    applied once), as the gradient is. The three are timed in turn within each repeat, so a
+    change of load on a shared machine hits them alike.
     """
     params, data = prob.params, prob.data
     grad = jax.jit(jax.grad(prob.loss))
     hvp = jax.jit(lambda p, v, d: hk.hvp(lambda q: prob.loss(q, d), p, v))
     ggn = jax.jit(lambda p, v, d: hk.ggn_operator(prob.model, prob.output_loss, p, d)(v))
     v = hk.tree_random_sphere(jax.random.key(0), params)
-    t_grad = _median_time(lambda: grad(params, data), repeats)
-    return {
-        "hessian": _median_time(lambda: hvp(params, v, data), repeats) / t_grad,
-        "ggn": _median_time(lambda: ggn(params, v, data), repeats) / t_grad,
+    fns = {
+        "grad": lambda: grad(params, data),
+        "hessian": lambda: hvp(params, v, data),
+        "ggn": lambda: ggn(params, v, data),
     }
+    times = {k: [] for k in fns}
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[k].append(time.perf_counter() - t0)
+    t_grad = float(np.median(times["grad"]))
+    return {k: float(np.median(times[k])) / t_grad for k in ("hessian", "ggn")}
 
 
 # -- one run -------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ The "meets" column says whether a configuration is within 5% at both ends at eve
 at most 2 products per step (steady rate). Usage::
 
     python benchmarks/monitor.py            # saves results/monitor-<backend>.{json,md}
-    python benchmarks/monitor.py --steps 100 --n 512
+    python benchmarks/monitor.py --steps 300 --n 512
     python benchmarks/monitor.py --quick    # a few steps, two configurations (the test suite)
 """
 
@@ -232,7 +232,7 @@ def to_markdown(rows: dict, meta: dict) -> str:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few steps, two configurations")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--n", type=int, default=256, help="digits in the full batch")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--tol", type=float, default=1e-6)

@@ -1052,12 +1052,19 @@ def main(argv=None) -> dict:
     sections: dict[str, dict[str, float]] = {}
     clock = (time.perf_counter(), time.process_time())
 
+    partial = pathlib.Path(args.out) / (
+        f"scale-{jax.default_backend()}{'-quick' if args.quick else ''}.partial.json"
+    )
+
     def lap(name: str) -> None:
         # CPU seconds next to wall seconds: on a shared machine the wall clock alone misleads.
         nonlocal clock
         now = (time.perf_counter(), time.process_time())
         sections[name] = {"wall_s": now[0] - clock[0], "cpu_s": now[1] - clock[1]}
         clock = now
+        # What is measured so far survives a run cut short (a LeNet solve can take an hour).
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({**out, "sections": sections}, indent=2, default=str))
 
     # The LeNet point and operator come first: part 1 needs them too.
     data = load_digits(lenet_n, size=28)
@@ -1169,6 +1176,7 @@ def main(argv=None) -> dict:
     stem = dest / f"scale-{out['meta']['backend']}{'-quick' if args.quick else ''}"
     # The numbers first: a run of many minutes must not be lost to a table-formatting slip.
     stem.with_suffix(".json").write_text(json.dumps(out, indent=2))
+    partial.unlink(missing_ok=True)
     md = to_markdown(out)
     print(md)
     stem.with_suffix(".md").write_text(md + "\n")

@@ -558,7 +558,7 @@ def lenet_recheck(out_dir: str, *, rounds: int = 3, eig_products: int = 12) -> d
             + ", ".join(f"{k} {ts[-1]:.2f}" for k, ts in times.items() if ts),
             flush=True,
         )
-    best = {k: min(v) for k, ts in times.items()}
+    best = {k: min(ts) for k, ts in times.items()}
     out = {
         "chunking": chunking,
         "rounds": rounds,

@@ -237,18 +237,17 @@ def mean_op(
         kwargs = {"chunk_size": chunk_size}
         if has_kwarg(hk.mean_hessian_operator, "linearize"):
             kwargs["linearize"] = linearize
-        if has_kwarg(hk.mean_hessian_operator, "unroll"):
-            # Unrolled chunks keep the convolutions out of a loop, where XLA:CPU runs them
-            # many times slower (jax-ml/jax#12868): on all 1,797 digits in chunks of 600 a
-            # scanned product took 114 s against a 5.4 s unchunked HVP in this script.
-            kwargs["unroll"] = True
         full, tail = divmod(n, chunk_size)
         desc = f"{full} x {chunk_size}" + (f" + {tail}" if tail else "") + " (ragged API)"
-        if kwargs.get("unroll"):
+        op = hk.mean_hessian_operator(loss, params, data, **kwargs)
+        # The library's default unrolls the chunks where the backend slows convolutions in a
+        # loop (XLA:CPU: 114 s against 7.9 s per LeNet product); the table says what it chose.
+        unroll = getattr(getattr(op._matvec, "func", None), "unroll", None)
+        if unroll is True:
             desc += ", unrolled"
         if "linearize" in kwargs:
             desc += f", linearize={linearize}"
-        return hk.mean_hessian_operator(loss, params, data, **kwargs), desc
+        return op, desc
     sizes = [s for s in range(1, n + 1) if n % s == 0]
     size = min(sizes, key=lambda s: abs(math.log(s / chunk_size)))
     stacked = jax.tree_util.tree_map(lambda a: a.reshape((n // size, size, *a.shape[1:])), data)
@@ -574,7 +573,8 @@ def lenet_recheck(out_dir: str, *, rounds: int = 3, eig_products: int = 12) -> d
     lines = [
         f"# LeNet in-solver product cost, interleaved ({out['backend']}, {out['date']})",
         "",
-        f"3,274,634 parameters, all 1,797 digits at 28x28, chunks {chunking}. Each of "
+        f"{hk.tree_dim(params):,} parameters, all {data.x.shape[0]:,} digits at 28x28, "
+        f"chunks {chunking}. Each of "
         f"{rounds} rounds runs one bare jitted HVP over the whole set, one linearized chunked "
         f"product from Python and one eigsh LA(3) of {products} products (default loop); "
         "minimum over rounds, compilation excluded.",
@@ -1028,8 +1028,8 @@ def main(argv=None) -> dict:
         # product's cost tenfold. On all 1,797 digits, chunks of 600 cost 1.1x one unchunked
         # HVP (14.0 s against 12.7 s) and chunks of 64 cost 8.3x (67.6 s against 8.1 s).
         lenet_n, chunk, steps = None, 600, 30
-        # About 7 s per full-set product on 2 CPU cores: these caps and the budget let every
-        # row run (about 25 minutes of solves); the table says where a cap was hit.
+        # 200 products in all; on 2 CPU cores a full-set product costs about 7 s (LA(10)'s 60
+        # took 415 s), so the budget is generous; the table says where a cap was hit.
         caps = {"LA(10)": 60, "SA(3)": 40, "BE(6)": 40, "LA(10) values": 30, "SA(3) values": 30}
         budget_s = 3600.0
         sizes = [10_000, 100_000, 1_000_000, 10_000_000]

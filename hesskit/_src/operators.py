@@ -1047,7 +1047,7 @@ def mean_hessian_operator(
     if unroll == "auto":
         one = (params, first, *args)
         unroll = True if krylov.loop_penalized_fn(loss_fn, *one) else 1
-    elif isinstance(unroll, str) or not isinstance(unroll, int | bool | np.integer):
+    elif not isinstance(unroll, int | np.integer):
         msg = f"unroll must be an int, a bool or 'auto', got {unroll!r}."
         raise ValueError(msg)
     kernel = _MeanHessianKernel(loss_fn, chunk_size, bool(linearize), unroll, mode)

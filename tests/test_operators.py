@@ -467,7 +467,9 @@ def _chunk_conv_loss(p, chunk):
 
 
 def _kernel_unroll(op):
-    return op._matvec.func.unroll
+    # True == 1 in Python: return the value with its type, so "unrolled" and "rolled" differ.
+    unroll = op._matvec.func.unroll
+    return (type(unroll).__name__, unroll)
 
 
 def test_mean_hessian_operator_unroll_auto_unrolls_convolutions_on_cpu():
@@ -481,13 +483,15 @@ def test_mean_hessian_operator_unroll_auto_unrolls_convolutions_on_cpu():
     data = (jax.random.normal(k[2], (7, 4, 4, 1), WIDE), jax.random.normal(k[3], (7, 2), WIDE))
     op = hk.mean_hessian_operator(_chunk_conv_loss, params, data, chunk_size=3)
     rolled = hk.mean_hessian_operator(_chunk_conv_loss, params, data, chunk_size=3, unroll=1)
-    assert _kernel_unroll(op) == (True if jax.default_backend() == "cpu" else 1)
-    assert _kernel_unroll(rolled) == 1
+    rolled_scan = ("int", 1)
+    assert _kernel_unroll(op) == (("bool", True) if jax.default_backend() == "cpu" else rolled_scan)
+    assert _kernel_unroll(rolled) == rolled_scan
     np.testing.assert_allclose(to_dense(op), to_dense(rolled), **TOL[WIDE])
     np.testing.assert_allclose(
         to_dense(op), _dense_with_args(_chunk_conv_loss, params, data), **TOL[WIDE]
     )
     mlp_params, (x, y), _, loss = mlp_problem(WIDE, n=10)
-    assert _kernel_unroll(hk.mean_hessian_operator(loss, mlp_params, (x, y), chunk_size=4)) == 1
+    mlp_op = hk.mean_hessian_operator(loss, mlp_params, (x, y), chunk_size=4)
+    assert _kernel_unroll(mlp_op) == rolled_scan
     with pytest.raises(ValueError, match="unroll must be"):
         hk.mean_hessian_operator(loss, mlp_params, (x, y), chunk_size=4, unroll="yes")

@@ -83,6 +83,44 @@ def test_lanczos_power_and_slq_host_loops_match_compiled():
     np.testing.assert_allclose(d_host.nodes, d_comp.nodes, rtol=1e-4, atol=1e-5)
 
 
+def test_eigenvalues_only_host_loop_matches_compiled_and_eigh():
+    # The eigenvalues-only mode once ignored ``loop`` and ran its products inside a compiled
+    # while loop even for convolutions on CPU (16-20x slower per product there).
+    params, x, y = _conv_problem()
+    op = hk.hessian_operator(_conv_loss, params, x, y)
+    x64, y64 = x.astype(jnp.float64), y.astype(jnp.float64)
+    ev = np.linalg.eigvalsh(_dense_hessian(lambda p: _conv_loss(p, x64, y64), params))
+    runs = {
+        loop: hk.eigsh(op, jax.random.key(4), 2, which="BE", return_eigenvectors=False, loop=loop)
+        for loop in ("host", "compiled")
+    }
+    host, comp = runs["host"], runs["compiled"]
+    assert int(host.num_matvecs) == int(comp.num_matvecs)
+    assert int(host.status) == int(comp.status) == krylov.CONVERGED
+    np.testing.assert_allclose(host.eigenvalues, comp.eigenvalues, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(host.eigenvalues, [ev[0], ev[-1]], atol=2e-5 * np.abs(ev).max())
+    # A budget that ends mid-cycle, and a run stopped by an invariant subspace (a rank-2
+    # operator's Krylov space is full after two or three products, well inside the first
+    # check's cycle of 16), stop where the compiled loop stops.
+    short = hk.eigsh(
+        op, jax.random.key(4), 2, which="BE", return_eigenvectors=False, max_matvecs=7, loop="host"
+    )
+    assert int(short.num_matvecs) == 7 and int(short.status) == krylov.MAX_MATVECS
+    u = jnp.linspace(-1.0, 1.0, 30)
+    w = jnp.cos(jnp.arange(30.0))
+    low = hk.LinearOperator(lambda v: 3.0 * u * (u @ v) - w * (w @ v), jnp.zeros(30))
+    counts = []
+    for loop in ("host", "compiled"):
+        res = hk.eigsh(low, jax.random.key(0), 1, return_eigenvectors=False, loop=loop)
+        counts.append(int(res.num_matvecs))
+        np.testing.assert_allclose(
+            res.eigenvalues,
+            np.linalg.eigvalsh(3.0 * np.outer(u, u) - np.outer(w, w))[-1:],
+            rtol=1e-5,
+        )
+    assert counts[0] == counts[1] <= 3, counts
+
+
 def test_host_loop_on_dense_spectra_matches_eigh():
     a = matrix_with_spectrum(SPECTRA["paper"], seed=2)
     ev = np.linalg.eigvalsh(a)

@@ -351,6 +351,7 @@ def eigvalsh_lanczos(
     which: str = "LA",
     max_matvecs: int = 2000,
     check_every: int = DEFAULT_CHECK_EVERY,
+    loop: str = "auto",
 ) -> EigResult:
     r"""The ``k`` extreme eigenvalues of a symmetric operator by Lanczos with no stored basis.
 
@@ -426,6 +427,11 @@ def eigvalsh_lanczos(
             benchmark MLP; on that MLP SA(3) took 600 / 624 / 672 products at 8 / 16 / 32.
             The default 16 keeps checks near 10% of the products' time there and negligible
             for models whose product costs more than a check, where overshoot dominates.
+        loop: ``"auto"``, ``"compiled"`` or ``"host"``, as in :func:`~hesskit.eigsh`: ``"host"``
+            dispatches one jitted step per product and one jitted analysis per check from
+            Python, since XLA:CPU runs convolutions inside ``while`` loops many times slower
+            (jax-ml/jax#12868); ``"auto"`` picks it on CPU outside traced code for such
+            products, and the single compiled loop otherwise.
 
     Returns:
         An :class:`~hesskit._src.thick_restart.EigResult` with ``eigenvectors=None``,
@@ -437,7 +443,8 @@ def eigvalsh_lanczos(
 
     Raises:
         ValueError: ``k``, ``which``, ``max_matvecs``, ``check_every`` or ``tol`` out of range,
-            or ``v0`` not shaped like the operator's vectors.
+            ``v0`` not shaped like the operator's vectors, or ``loop="host"`` inside traced
+            code.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -473,10 +480,11 @@ def eigvalsh_lanczos(
     validation.check_positive(tol, "tol")
     if v0 is not None:
         validation.check_like(v0, op.like, name="v0", like_name="the operator's vectors")
-    dtype = krylov.krylov_dtype(op.like)
-    return _eigvalsh_lanczos(
-        op, key, v0, jnp.asarray(tol, dtype), int(k), which, max_matvecs, check_every
-    )
+    tol = jnp.asarray(tol, krylov.krylov_dtype(op.like))
+    cfg = _config(op, k, which, max_matvecs, check_every)
+    if krylov.resolve_loop(loop, op, key, v0) == "compiled":
+        return _eigvalsh_compiled(op, key, v0, tol, cfg)
+    return _eigvalsh_host(op, key, v0, tol, cfg)
 
 
 def _tridiagonal_dtype(dtype: Any) -> jnp.dtype:
@@ -492,97 +500,56 @@ def _precision_floor(like: PyTree) -> float:
     return max(float(jnp.finfo(jnp.result_type(x)).eps) for x in leaves)
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
-def _eigvalsh_lanczos(
-    op: LinearOperator,
-    key: jax.Array,
-    v0: PyTree | None,
-    tol: jax.Array,
-    k: int,
-    which: str,
-    max_matvecs: int,
-    check_every: int,
-) -> EigResult:
-    op = op.linearize()
-    apply = krylov.product(op)
-    dtype = krylov.krylov_dtype(op.like)
-    tdtype = _tridiagonal_dtype(dtype)
-    eps = jnp.finfo(dtype).eps
+class _Config(NamedTuple):
+    k: int
+    which: str
+    n: int  # max_matvecs: the length of the scalar buffers
+    check_every: int
+    copy_eps: float
+    floor: float
+
+
+class _State(NamedTuple):
+    q_prev: PyTree
+    q: PyTree
+    alphas: jax.Array
+    betas: jax.Array
+    steps: jax.Array
+    scale: jax.Array
+    ok: jax.Array
+    breakdown: jax.Array
+    ritz: _Ritz
+    done: jax.Array
+
+
+def _config(op: LinearOperator, k: int, which: str, max_matvecs: int, check_every: int):
+    eps = jnp.finfo(krylov.krylov_dtype(op.like)).eps
     floor = _precision_floor(op.like)
     # Copies of one eigenvalue: 64 eps of the vectors (measured spread of 30 float32 copies:
     # 8 eps ||A||), or 4 eps of a narrower product dtype (bfloat16 copies spread by about
     # 0.15 of its eps), the default tolerance there.
     copy_eps = max(_MULTOL_FACTOR * float(eps), 4 * floor)
-    n = max_matvecs
+    return _Config(int(k), which, max_matvecs, check_every, copy_eps, floor)
+
+
+def _init(op: LinearOperator, key: jax.Array, v0: PyTree | None, cfg: _Config) -> _State:
+    dtype = krylov.krylov_dtype(op.like)
+    tdtype = _tridiagonal_dtype(dtype)
     start = (
         tree_random_sphere(key, krylov.krylov_like(krylov.vector_like(op))) if v0 is None else v0
     )
     q0, norm0 = tree_normalize(krylov.to_krylov(start))
-    zero = jax.tree_util.tree_map(jnp.zeros_like, q0)
-
-    class State(NamedTuple):
-        q_prev: PyTree
-        q: PyTree
-        alphas: jax.Array
-        betas: jax.Array
-        steps: jax.Array
-        scale: jax.Array
-        ok: jax.Array
-        breakdown: jax.Array
-        ritz: _Ritz
-        done: jax.Array
-
-    def step(st: State) -> State:
-        j = st.steps
-        beta_prev = jnp.where(j > 0, st.betas[jnp.maximum(j - 1, 0)], 0.0).astype(dtype)
-        w = apply(st.q)
-        # Paige's ordering (A2): subtract the previous vector before taking alpha, the
-        # variant whose loss of orthogonality his analysis bounds.
-        w = jax.tree_util.tree_map(lambda x, p: x - (beta_prev * p).astype(x.dtype), w, st.q_prev)
-        alpha = tree_vdot(st.q, w)
-        w = jax.tree_util.tree_map(lambda x, q: x - (alpha * q).astype(x.dtype), w, st.q)
-        w, beta = tree_normalize(w)
-        finite = jnp.isfinite(alpha) & jnp.isfinite(beta)
-        scale = jnp.maximum(st.scale, (jnp.abs(alpha) + beta + beta_prev).astype(tdtype))
-        # An invariant subspace: the Ritz values of T_j are exact eigenvalues, and the next
-        # vector would be rounding noise that (with no basis to orthogonalize against)
-        # could only repeat them.
-        breakdown = beta <= 32 * eps * scale
-        return st._replace(
-            q_prev=st.q,
-            q=w,
-            alphas=st.alphas.at[j].set(alpha.astype(tdtype)),
-            betas=st.betas.at[j].set(jnp.where(breakdown, 0.0, beta).astype(tdtype)),
-            steps=j + 1,
-            scale=scale,
-            ok=st.ok & finite,
-            breakdown=breakdown,
-        )
-
-    def analyse(st: State) -> State:
-        reach_rel = jnp.maximum(tol, floor).astype(tdtype)
-        ritz = _ritz(st.alphas, st.betas, st.steps, which, k, copy_eps, reach_rel)
-        reach = reach_rel * ritz.scale
-        settled = jnp.all(ritz.filled & (ritz.estimates <= reach))
-        done = settled | (st.steps >= n) | st.breakdown | ~st.ok
-        return st._replace(ritz=ritz, done=done)
-
-    def cycle(st: State) -> State:
-        stop = jnp.minimum(st.steps + check_every, n)
-        st = jax.lax.while_loop(lambda s: (s.steps < stop) & s.ok & ~s.breakdown, step, st)
-        return analyse(st)
-
     empty = _Ritz(
-        values=jnp.full(k, jnp.nan, tdtype),
-        estimates=jnp.full(k, jnp.inf, tdtype),
-        filled=jnp.zeros(k, bool),
+        values=jnp.full(cfg.k, jnp.nan, tdtype),
+        estimates=jnp.full(cfg.k, jnp.inf, tdtype),
+        filled=jnp.zeros(cfg.k, bool),
         scale=jnp.zeros((), tdtype),
     )
-    init = State(
-        q_prev=zero,
+    return _State(
+        q_prev=jax.tree_util.tree_map(jnp.zeros_like, q0),
         q=q0,
-        alphas=jnp.zeros(n, tdtype),
-        betas=jnp.zeros(n, tdtype),
+        alphas=jnp.zeros(cfg.n, tdtype),
+        betas=jnp.zeros(cfg.n, tdtype),
         steps=jnp.zeros((), jnp.int32),
         scale=jnp.zeros((), tdtype),
         ok=jnp.isfinite(norm0) & (norm0 > 0),
@@ -590,12 +557,60 @@ def _eigvalsh_lanczos(
         ritz=empty,
         done=jnp.asarray(False),
     )
-    final = jax.lax.while_loop(lambda s: ~s.done, cycle, init)
+
+
+def _step(op: LinearOperator, st: _State) -> _State:
+    """One product of the three-term recurrence (``op`` already linearized)."""
+    dtype = krylov.krylov_dtype(op.like)
+    tdtype = st.alphas.dtype
+    eps = jnp.finfo(dtype).eps
+    j = st.steps
+    beta_prev = jnp.where(j > 0, st.betas[jnp.maximum(j - 1, 0)], 0.0).astype(dtype)
+    w = krylov.product(op)(st.q)
+    # Paige's ordering (A2): subtract the previous vector before taking alpha, the
+    # variant whose loss of orthogonality his analysis bounds.
+    w = jax.tree_util.tree_map(lambda x, p: x - (beta_prev * p).astype(x.dtype), w, st.q_prev)
+    alpha = tree_vdot(st.q, w)
+    w = jax.tree_util.tree_map(lambda x, q: x - (alpha * q).astype(x.dtype), w, st.q)
+    w, beta = tree_normalize(w)
+    finite = jnp.isfinite(alpha) & jnp.isfinite(beta)
+    scale = jnp.maximum(st.scale, (jnp.abs(alpha) + beta + beta_prev).astype(tdtype))
+    # An invariant subspace: the Ritz values of T_j are exact eigenvalues, and the next
+    # vector would be rounding noise that (with no basis to orthogonalize against)
+    # could only repeat them.
+    breakdown = beta <= 32 * eps * scale
+    return st._replace(
+        q_prev=st.q,
+        q=w,
+        alphas=st.alphas.at[j].set(alpha.astype(tdtype)),
+        betas=st.betas.at[j].set(jnp.where(breakdown, 0.0, beta).astype(tdtype)),
+        steps=j + 1,
+        scale=scale,
+        ok=st.ok & finite,
+        breakdown=breakdown,
+    )
+
+
+def _active(st: _State, stop: jax.Array) -> jax.Array:
+    return (st.steps < stop) & st.ok & ~st.breakdown
+
+
+def _analyse(st: _State, tol: jax.Array, cfg: _Config) -> _State:
+    reach_rel = jnp.maximum(tol, cfg.floor).astype(st.alphas.dtype)
+    ritz = _ritz(st.alphas, st.betas, st.steps, cfg.which, cfg.k, cfg.copy_eps, reach_rel)
+    reach = reach_rel * ritz.scale
+    settled = jnp.all(ritz.filled & (ritz.estimates <= reach))
+    done = settled | (st.steps >= cfg.n) | st.breakdown | ~st.ok
+    return st._replace(ritz=ritz, done=done)
+
+
+def _finish(final: _State, tol: jax.Array, cfg: _Config) -> EigResult:
     ritz = final.ritz
+    dtype = tol.dtype
     ok = final.ok & jnp.all(jnp.where(ritz.filled, jnp.isfinite(ritz.values), True))
-    reachable = tol >= floor
+    reachable = tol >= cfg.floor
     converged = ritz.filled & (ritz.estimates <= tol * ritz.scale) & reachable & ok
-    floored = ritz.filled & (ritz.estimates <= floor * ritz.scale)
+    floored = ritz.filled & (ritz.estimates <= cfg.floor * ritz.scale)
     status = jnp.where(
         ~ok,
         krylov.NONFINITE,
@@ -615,3 +630,49 @@ def _eigvalsh_lanczos(
         ok=ok,
         status=status,
     )
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _eigvalsh_compiled(op, key, v0, tol, cfg: _Config) -> EigResult:
+    op = op.linearize()
+
+    def cycle(st: _State) -> _State:
+        stop = jnp.minimum(st.steps + cfg.check_every, cfg.n)
+        st = jax.lax.while_loop(lambda s: _active(s, stop), lambda s: _step(op, s), st)
+        return _analyse(st, tol, cfg)
+
+    final = jax.lax.while_loop(lambda s: ~s.done, cycle, _init(op, key, v0, cfg))
+    return _finish(final, tol, cfg)
+
+
+# The host loop's pieces: each compiles once per operator structure and configuration. The
+# state is donated, so a step updates the three vectors in place.
+_init_jit = jax.jit(_init, static_argnums=3)
+_analyse_jit = jax.jit(_analyse, static_argnums=2, donate_argnums=0)
+_finish_jit = jax.jit(_finish, static_argnums=2)
+
+
+@functools.partial(jax.jit, donate_argnums=1)
+def _host_step(op: LinearOperator, st: _State, stop: jax.Array) -> _State:
+    # After a breakdown or a NaN the compiled loop stops stepping; here the check comes only
+    # at the end of a cycle, so the step keeps the state as it was instead.
+    new = _step(op, st)
+    keep = _active(st, stop)
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(keep, a, b), new, st)
+
+
+def _eigvalsh_host(op, key, v0, tol, cfg: _Config) -> EigResult:
+    lin = krylov.linearized(op)
+    st = _init_jit(op, key, v0, cfg)
+    steps = 0
+    while True:
+        stop = min(steps + cfg.check_every, cfg.n)
+        stop_arr = jnp.asarray(stop, jnp.int32)
+        for _ in range(stop - steps):
+            st = _host_step(lin, st, stop_arr)
+        st = _analyse_jit(st, tol, cfg)
+        done, steps = jax.device_get((st.done, st.steps))
+        steps = int(steps)
+        if bool(done):
+            break
+    return _finish_jit(st, tol, cfg)

@@ -221,7 +221,7 @@ def eigsh(
     if not return_eigenvectors:
         from hesskit._src.lanczos_values import eigvalsh_lanczos
 
-        return eigvalsh_lanczos(op, key, v0, tol, k, which, max_matvecs)
+        return eigvalsh_lanczos(op, key, v0, tol, k, which, max_matvecs, loop=loop)
     # The rounding floor of the residuals: the least precise of the products and the basis.
     dtypes = [jnp.result_type(x) for x in jax.tree_util.tree_leaves(op.like)]
     dtypes += [] if basis_dtype is None else [basis_dtype]

@@ -87,12 +87,23 @@ def test_eigenvalues_only_host_loop_matches_compiled_and_eigh():
     # The eigenvalues-only mode once ignored ``loop`` and ran its products inside a compiled
     # while loop even for convolutions on CPU (16-20x slower per product there).
     params, x, y = _conv_problem()
-    op = hk.hessian_operator(_conv_loss, params, x, y)
+    traces = [0]
+
+    def counted(p, x, y):
+        traces[0] += 1
+        return _conv_loss(p, x, y)
+
+    op = hk.hessian_operator(counted, params, x, y)
     x64, y64 = x.astype(jnp.float64), y.astype(jnp.float64)
     ev = np.linalg.eigvalsh(_dense_hessian(lambda p: _conv_loss(p, x64, y64), params))
     host = hk.eigsh(op, jax.random.key(4), 2, which="BE", return_eigenvectors=False)  # auto
     assert int(host.status) == krylov.CONVERGED
     np.testing.assert_allclose(host.eigenvalues, [ev[0], ev[-1]], atol=2e-5 * np.abs(ev).max())
+    # A new batch of the same shapes reuses every compiled piece of the host loop.
+    first = traces[0]
+    again = hk.hessian_operator(counted, params, -x, y)
+    hk.eigsh(again, jax.random.key(5), 2, which="BE", return_eigenvectors=False)
+    assert first > 0 and traces[0] == first, (first, traces[0])
     # The same arithmetic as the compiled loop, on a dense paper-shaped spectrum.
     a = matrix_with_spectrum(SPECTRA["paper"], seed=3)
     runs = [

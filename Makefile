@@ -77,6 +77,7 @@ bench: $(STAMP_TEST)
 	$(PY) benchmarks/hvp.py
 	$(PY) benchmarks/eigs.py
 	$(PY) benchmarks/eigs_outside.py
+	$(PY) benchmarks/copies.py
 	$(PY) benchmarks/optimizers.py
 	$(PY) benchmarks/scale.py
 

@@ -154,6 +154,27 @@ def test_eigsh_finds_a_repeated_eigenvalue_and_its_copies():
     assert bool(np.all(res.converged))
 
 
+@pytest.mark.parametrize("which, k", [("SA", 3), ("BE", 6), ("LA", 3)])
+def test_eigsh_finds_every_copy_of_a_triple_eigenvalue_next_to_a_bulk(which, k):
+    # A triple eigenvalue at the wanted end of a float32 spectrum whose bulk (400 values,
+    # spread 1e-2) sits next to it, under a top of 50 (the paper's shape). A verification
+    # window of an eighth of the products missed a copy in 22 of 72 such solves and reported
+    # them converged; the fresh chain now runs until it settles, once more after a find.
+    rng = np.random.default_rng(0)
+    bulk = rng.normal(0.0, 1e-2, 392)
+    top = [50.0, 50.0, 50.0] if which == "LA" else [50.0, 30.0, 20.0]
+    bottom = [-0.05, -0.04, -0.03] if which == "LA" else [-0.05, -0.05, -0.05]
+    lam = np.concatenate([top, [10.0, 5.0], bulk, bottom])
+    op = dense_operator(np.asarray(matrix_with_spectrum(lam, seed=1), np.float32), jnp.float32)
+    ev = np.sort(lam)
+    want = wanted(ev, which, k)
+    solve = jax.jit(lambda key: hk.eigsh(op, key, k, which=which))
+    for seed in range(3):
+        res = solve(jax.random.key(seed))
+        assert bool(np.all(res.converged)), (seed, res.eigenvalues, res.status)
+        np.testing.assert_allclose(res.eigenvalues, want, atol=1e-4, err_msg=f"key {seed}")
+
+
 def test_eigsh_verify_false_skips_the_verification_restart():
     a = matrix_with_spectrum(SPECTRA["separated"], seed=3)
     ev = np.linalg.eigvalsh(a)
@@ -162,9 +183,10 @@ def test_eigsh_verify_false_skips_the_verification_restart():
     off = hk.eigsh(op, jax.random.key(0), 3, which="LA", krylov_dim=12, verify=False)
     assert bool(np.all(off.converged))
     np.testing.assert_allclose(off.eigenvalues, wanted(ev, "LA", 3), atol=1e-8 * np.abs(ev).max())
-    # Verification costs a window of an eighth of the products spent (at least two), from a
-    # fresh direction, after the check at which everything first converged.
-    assert int(on.num_matvecs) - int(off.num_matvecs) == max(2, int(off.num_matvecs) // 8)
+    # Verification runs a fresh chain after the check at which everything first converged,
+    # for at most as many products as were spent before it.
+    assert int(off.num_matvecs) < int(on.num_matvecs) <= 2 * int(off.num_matvecs) + 2
+    np.testing.assert_allclose(on.eigenvalues, off.eigenvalues, atol=1e-8 * np.abs(ev).max())
     with pytest.raises(TypeError, match="verify"):
         hk.eigsh(op, jax.random.key(0), 3, verify="yes")
 

@@ -667,6 +667,21 @@ def ritz_pairs(
     return values, vectors, residuals
 
 
+def ritz_residual(st: KrylovState, coeff: jax.Array, theta: jax.Array) -> PyTree:
+    """The residual ``A y - theta y`` of one Ritz pair (``y = Q coeff``), from the stored ``A Q``.
+
+    In exact arithmetic it is orthogonal to the basis: it is the direction the basis lacks to
+    improve that pair. No products are spent.
+    """
+
+    def combine(stack):
+        rows = unflatten_rows(to_krylov(tree_matvec(stack, coeff[None])), st.q)
+        return jax.tree_util.tree_map(lambda x: x[0], rows)
+
+    y, ay = combine(st.basis), combine(st.images)
+    return tree_sub(ay, jax.tree_util.tree_map(lambda x: (theta * x).astype(x.dtype), y))
+
+
 # XLA:CPU primitives that run many times slower inside a while loop than outside it
 # (jax-ml/jax#12868): the loop body loses the thunk runtime's fast kernels for them.
 _LOOP_PENALIZED = frozenset({"conv_general_dilated"})

@@ -642,6 +642,13 @@ def ritz(proj: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.linalg.eigh(proj)
 
 
+def _ritz_vectors(st: KrylovState, coeffs: jax.Array) -> tuple[PyTree, PyTree]:
+    """The Ritz vectors ``Q c_i`` and their images ``A Q c_i``, stacked along ``r``."""
+    vectors = unflatten_rows(to_krylov(tree_matvec(st.basis, coeffs)), st.q)
+    images = unflatten_rows(to_krylov(tree_matvec(st.images, coeffs)), st.q)
+    return vectors, images
+
+
 def ritz_pairs(
     st: KrylovState, coeffs: jax.Array, theta: jax.Array
 ) -> tuple[jax.Array, PyTree, jax.Array]:
@@ -654,8 +661,7 @@ def ritz_pairs(
     residual over the gap; it is taken as ``theta + y^T (A y - theta y) / y^T y`` so the small
     correction, not the whole quotient, carries the rounding. No products are spent.
     """
-    vectors = unflatten_rows(to_krylov(tree_matvec(st.basis, coeffs)), st.q)
-    images = unflatten_rows(to_krylov(tree_matvec(st.images, coeffs)), st.q)
+    vectors, images = _ritz_vectors(st, coeffs)
 
     def refine(a, v, lam):
         r = tree_sub(a, jax.tree_util.tree_map(lambda x: (lam * x).astype(x.dtype), v))
@@ -667,19 +673,19 @@ def ritz_pairs(
     return values, vectors, residuals
 
 
-def ritz_residual(st: KrylovState, coeff: jax.Array, theta: jax.Array) -> PyTree:
-    """The residual ``A y - theta y`` of one Ritz pair (``y = Q coeff``), from the stored ``A Q``.
+def ritz_residuals(st: KrylovState, coeffs: jax.Array, theta: jax.Array) -> PyTree:
+    """The residuals ``A y_i - theta_i y_i`` of Ritz pairs ``y_i = Q c_i``, from the stored ``A Q``.
 
-    In exact arithmetic it is orthogonal to the basis: it is the direction the basis lacks to
-    improve that pair. No products are spent.
+    ``coeffs`` has shape ``(r, m)`` and ``theta`` shape ``(r,)``; the residuals are stacked along
+    a leading axis ``r``. In exact arithmetic each is orthogonal to the basis: it is the
+    direction the basis lacks to improve that pair. No products are spent.
     """
-
-    def combine(stack):
-        rows = unflatten_rows(to_krylov(tree_matvec(stack, coeff[None])), st.q)
-        return jax.tree_util.tree_map(lambda x: x[0], rows)
-
-    y, ay = combine(st.basis), combine(st.images)
-    return tree_sub(ay, jax.tree_util.tree_map(lambda x: (theta * x).astype(x.dtype), y))
+    vectors, images = _ritz_vectors(st, coeffs)
+    return jax.tree_util.tree_map(
+        lambda a, v: a - (theta.reshape((-1,) + (1,) * (v.ndim - 1)) * v).astype(v.dtype),
+        images,
+        vectors,
+    )
 
 
 # XLA:CPU primitives that run many times slower inside a while loop than outside it

@@ -12,7 +12,7 @@ import numpy as np
 from hesskit._src import krylov, memory, validation
 from hesskit._src.krylov import default_tol
 from hesskit._src.operators import LinearOperator
-from hesskit._src.tree import tree_normalize, tree_random_sphere
+from hesskit._src.tree import tree_norm, tree_normalize, tree_random_sphere
 
 PyTree = Any
 
@@ -403,8 +403,7 @@ def _fresh_chain(
     on_chain = (rows >= start) & (rows < filled)
     weight = jnp.sum(jnp.where(on_chain[:, None], s * s, 0.0), axis=0)
     chain = (rows < filled) & (weight > 0.5)
-    last = jnp.maximum(filled - 1, 0)
-    estimate = jnp.abs(kry.beta * s[last]) / _scale(theta, filled)
+    estimate = _estimates(theta, s, kry.beta, filled)
     ends = []  # (the chain's extreme pair, whether it is among the wanted)
     low = {"SA": cfg.k, "BE": cfg.k // 2}.get(cfg.which, 0)
     high = {"LA": cfg.k, "BE": cfg.k - cfg.k // 2}.get(cfg.which, 0)
@@ -425,12 +424,16 @@ def _fresh_chain(
     return merged | settled | found, ~merged & found
 
 
-def _worst_estimate(theta, s, beta, filled, cfg: _Config) -> jax.Array:
-    """The largest residual estimate ``|beta s_{last,i}|`` of a wanted pair over ``max|theta|``."""
-    idx = _select(theta, cfg.which, cfg.k, cfg.k, filled)
+def _estimates(theta, s, beta, filled) -> jax.Array:
+    """Every Ritz pair's residual estimate ``|beta s_{last,i}|`` over ``max|theta|``."""
     last = jnp.maximum(filled - 1, 0)
-    est = jnp.abs(beta * s[last, idx])
-    return jnp.max(est) / _scale(theta, filled)
+    return jnp.abs(beta * s[last]) / _scale(theta, filled)
+
+
+def _worst_estimate(theta, s, beta, filled, cfg: _Config) -> jax.Array:
+    """The largest residual estimate of a wanted pair (see :func:`_estimates`)."""
+    idx = _select(theta, cfg.which, cfg.k, cfg.k, filled)
+    return jnp.max(_estimates(theta, s, beta, filled)[idx])
 
 
 def _restart(run: _Run, cfg: _Config) -> _Run:
@@ -476,10 +479,15 @@ def _inject(run: _Run, cfg: _Config) -> _Run:
     key, sub = jax.random.split(kry.key)
     j = run.filled
     start = krylov.random_orthogonal(sub, kry.basis, filled=j, like=kry.q)
-    # The fresh direction has no coupling to the last row.
-    proj = kry.proj.at[j, j - 1].set(0.0).at[j - 1, j].set(0.0)
-    kry = kry._replace(q=start, key=key, proj=proj, beta=jnp.zeros_like(kry.beta))
+    kry = _continue_from(kry, j, start, key)
     return run._replace(kry=kry, pending=jnp.asarray(False), fresh_start=j.astype(jnp.int32))
+
+
+def _continue_from(kry: krylov.KrylovState, j: jax.Array, start: PyTree, key: jax.Array):
+    """The basis continued at row ``j`` from ``start`` (unit, orthogonal to the filled rows)."""
+    # The new direction has no coupling to the last row.
+    proj = kry.proj.at[j, j - 1].set(0.0).at[j - 1, j].set(0.0)
+    return kry._replace(q=start, key=key, proj=proj, beta=jnp.zeros_like(kry.beta))
 
 
 def _repair(run: _Run, cfg: _Config) -> _Run:
@@ -493,9 +501,9 @@ def _repair(run: _Run, cfg: _Config) -> _Run:
     kry, j = run.kry, run.filled
     theta, s = _ritz_filled(kry.proj, j)
     idx = _select(theta, cfg.which, cfg.k, cfg.k, j)
-    _, _, residuals = krylov.ritz_pairs(kry, s[:, idx].T, theta[idx])
-    worst = idx[jnp.argmax(residuals)]
-    r = krylov.ritz_residual(kry, s[:, worst], theta[worst])
+    residuals = krylov.ritz_residuals(kry, s[:, idx].T, theta[idx])
+    worst = jnp.argmax(jax.vmap(tree_norm)(residuals))
+    r = jax.tree_util.tree_map(lambda x: x[worst], residuals)
     r, _ = krylov.orthogonalize(kry.basis, r, filled=j)
     r, norm = tree_normalize(r)
     key, sub = jax.random.split(kry.key)
@@ -506,8 +514,7 @@ def _repair(run: _Run, cfg: _Config) -> _Run:
         lambda _: krylov.random_orthogonal(sub, kry.basis, filled=j, like=kry.q),
         None,
     )
-    proj = kry.proj.at[j, j - 1].set(0.0).at[j - 1, j].set(0.0)
-    kry = kry._replace(q=start, key=key, proj=proj, beta=jnp.zeros_like(kry.beta))
+    kry = _continue_from(kry, j, start, key)
     return run._replace(kry=kry, repair=jnp.asarray(False), repairs=run.repairs + 1)
 
 

@@ -1,5 +1,8 @@
 """Lanczos, thick-restart eigsh and power iteration against numpy.linalg.eigh."""
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -303,3 +306,27 @@ def test_power_iteration_budget_and_validation():
         hk.power_iteration(dense_operator(a), jax.random.key(0), tol=-1.0)
     with pytest.raises(ValueError, match="num_iters"):
         hk.power_iteration(dense_operator(a), jax.random.key(0), num_iters=0)
+
+
+_JIT_VMAP_SCRIPT = """
+import os
+# A 2-thread XLA:CPU pool, as on the 2-core CI machine, whatever this machine has.
+os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])
+import jax, jax.numpy as jnp, numpy as np, hesskit as hk
+d = jnp.linspace(-1.0, 10.0, 200)
+op = hk.LinearOperator(lambda v: d * v, jnp.zeros(200))
+keys = jax.random.split(jax.random.key(0), 2)
+vals = jax.jit(jax.vmap(lambda key: hk.eigsh(op, key, 2, which="SA").eigenvalues))(keys)
+np.testing.assert_allclose(vals, [[-1.0, -1.0 + 11.0 / 199]] * 2, rtol=1e-4)
+print("ok")
+"""
+
+
+def test_eigsh_jit_of_vmap_ends_on_a_two_thread_cpu_pool():
+    # Regression: the batched LAPACK eighs that vmap makes of the Ritz step's switch branches
+    # deadlocked XLA:CPU's intra-op pool; the solve never ended. Own process: a hang must
+    # fail this test, not the suite.
+    proc = subprocess.run(
+        [sys.executable, "-c", _JIT_VMAP_SCRIPT], capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -637,9 +637,33 @@ def lanczos_step(
     )
 
 
+@jax.custom_batching.custom_vmap
 def ritz(proj: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Ritz values (ascending) and coefficient vectors of the projected matrix ``Q^T A Q``."""
-    return jnp.linalg.eigh(proj)
+    """Ritz values (ascending) and coefficient vectors of the projected matrix ``Q^T A Q``.
+
+    Every symmetric eigendecomposition of hesskit's solvers goes through here. Under ``vmap``
+    on CPU the batch runs one matrix after another (see :func:`_ritz_batched`).
+    """
+    theta, s = jnp.linalg.eigh(proj)
+    return theta, s
+
+
+@ritz.def_vmap
+def _ritz_batched(axis_size, in_batched, proj):
+    # jaxlib's batched LAPACK eigh splits its batch over XLA:CPU's intra-op pool and blocks
+    # until its pieces finish. Under vmap a switch or cond runs all its branches, so two
+    # batched eighs become ready together, each holds a pool thread while waiting for the
+    # other's, and on a 2-thread pool the program never ends (found with jit(vmap(eigsh))).
+    # One matrix at a time keeps each eigh on its own thread; accelerators keep the batch.
+    del axis_size
+    if not in_batched[0]:
+        return ritz(proj), (False, False)
+    out = jax.lax.platform_dependent(
+        proj,
+        cpu=lambda p: jax.lax.map(ritz, p),
+        default=lambda p: tuple(jnp.linalg.eigh(p)),
+    )
+    return out, (True, True)
 
 
 def _ritz_vectors(st: KrylovState, coeffs: jax.Array) -> tuple[PyTree, PyTree]:

@@ -240,7 +240,7 @@ def ritz_decomposition(res: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
     span = jnp.max(jnp.abs(res.alphas)) + 2 * jnp.max(jnp.abs(res.betas), initial=0.0) + 1.0
     alphas = jnp.where(filled, res.alphas, 0.0)
     tri = jnp.diag(alphas) + jnp.diag(res.betas, 1) + jnp.diag(res.betas, -1)
-    theta, s = jnp.linalg.eigh(tri + jnp.diag(jnp.where(filled, 0.0, 3 * span)))
+    theta, s = krylov.ritz(tri + jnp.diag(jnp.where(filled, 0.0, 3 * span)))
     return theta, s, theta < 2 * span
 
 

@@ -182,7 +182,7 @@ def _quadrature(alphas: jax.Array, betas: jax.Array, num_steps: jax.Array):
     bound = jnp.max(jnp.abs(alphas)) + 2 * jnp.max(jnp.abs(betas), initial=0.0)
     diag = jnp.where(valid, alphas, 2 * bound + 1)
     t = jnp.diag(diag) + jnp.diag(betas, 1) + jnp.diag(betas, -1)
-    theta, vecs = jnp.linalg.eigh(t)
+    theta, vecs = krylov.ritz(t)
     on_valid = jnp.sum(jnp.where(valid[:, None], vecs**2, 0.0), axis=0) > 0.5
     weights = jnp.where(on_valid, vecs[0] ** 2, 0.0)
     weights = weights / jnp.sum(weights)

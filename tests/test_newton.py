@@ -69,6 +69,22 @@ def test_newton_cg_adaptive_damping_on_rosenbrock():
     assert 0 < float(state.damping) < 1.0  # it started at 1 and fell once the model fit
 
 
+def test_newton_cg_rejects_a_step_whose_model_predicts_an_increase():
+    # lr = 3 overshoots a quadratic: the model predicts (and f shows) an increase of
+    # (eta^2 / 2 - eta) g^T B^-1 g. Such a step must be rejected and the damping raised, not
+    # taken as "noise" (the bug that let Newton-CG climb); then the damping grows until the
+    # step is a descent one and the loss falls monotonically.
+    a, b, f = quadratic()
+    opt = ht.newton_cg(3.0, initial_damping=1e-6, tol=1e-10, maxiter=60)
+    x0 = jnp.ones(20)
+    x1, state = one_step(opt, x0, f)
+    np.testing.assert_array_equal(x1, x0)
+    assert float(state.damping) > 1e-6 and float(state.rho) < 0
+    x, state, values = run(opt, np.ones(20), 40, f=f)
+    assert np.all(np.diff(values) <= 1e-6 * abs(values[0]))
+    assert values[-1] < values[0] - 1.0
+
+
 # -- saddle-free Newton against Newton ---------------------------------------------------------
 def test_saddle_free_newton_escapes_where_newton_converges_to_the_saddle():
     x0 = np.array([1e-3, 1e-3])

@@ -247,8 +247,9 @@ def newton_cg(
       u^\top B u)` of the update actually returned: :math:`\lambda \leftarrow \tfrac32
       \lambda` when :math:`\rho < \tfrac14`, :math:`\tfrac23 \lambda` when :math:`\rho >
       \tfrac34` (Martens 2010, section 4.1), within :math:`[10^{-8}, 10^8]`; an update that
-      raises the loss (:math:`\rho < 0`) is rejected (zero), as Levenberg-Marquardt does, and
-      a predicted decrease below the rounding level of :math:`f` leaves both alone. This
+      raises the loss (:math:`\rho < 0`) is rejected (zero), as Levenberg-Marquardt does, and so
+      is one whose model predicts an increase (with :math:`\eta > 2`, or along negative
+      curvature); a predicted change below the rounding level of :math:`f` leaves both alone. This
       costs one more product (:math:`Bu`) and one loss evaluation per step.
 
     Cost per step: the CG products (at most ``maxiter``, plus one for the warm start and one
@@ -394,12 +395,17 @@ def newton_cg(
             rho = jnp.where(jnp.isfinite(actual), rho, -jnp.inf)
             new_lam = jnp.where(rho < _LOW_RHO, lam * _BOOST, lam)
             new_lam = jnp.where(rho > _HIGH_RHO, lam * _DROP, new_lam)
-            # A predicted decrease at the rounding level of f (at a minimum) says nothing
-            # about the model: keep the damping and the step rather than boost on noise.
-            noise = -predicted <= 100 * jnp.finfo(kdtype).eps * jnp.abs(f0).astype(kdtype)
+            # A predicted change at the rounding level of f (at a minimum) says nothing about
+            # the model: keep the damping, and the step unless it raised f past that level.
+            # A predicted increase is no such thing: it is rejected and boosts the damping
+            # (accepting it let a learning rate above 2 climb, and lr >= 0.1 on an indefinite
+            # Hessian diverge).
+            level = 100 * jnp.finfo(kdtype).eps * jnp.abs(f0).astype(kdtype)
+            noise = jnp.abs(predicted) <= level
             new_lam = jnp.clip(jnp.where(noise, lam, new_lam), _MIN_DAMPING, _MAX_DAMPING)
-            accept = (rho >= 0) | noise
-            u = tree_scale(jnp.where(accept, 1.0, 0.0).astype(kdtype), u)
+            accept = (rho >= 0) | (noise & (actual <= level))
+            # A where, not a product with 0: a rejected step may hold infs.
+            u = _where(accept, u, jax.tree_util.tree_map(jnp.zeros_like, u))
         else:
             rho = jnp.full((), jnp.nan, jnp.float32)
             new_lam = lam

@@ -1003,6 +1003,11 @@ def main(argv=None) -> dict:
         help="only the LeNet's interleaved in-solver vs bare HVP rounds",
     )
     parser.add_argument(
+        "--lenet-only",
+        default=None,
+        help='comma-separated LeNet solves to run, e.g. "LA(10),SA(3) values"',
+    )
+    parser.add_argument(
         "--skip", default="", help="comma-separated parts to skip: products,lenet,sweep"
     )
     args = parser.parse_args(argv)
@@ -1063,6 +1068,14 @@ def main(argv=None) -> dict:
         caps = dict.fromkeys(caps, args.max_matvecs)
     if args.sizes:
         sizes = [int(float(s)) for s in args.sizes.split(",")]
+    if args.lenet_only:
+        only = set()
+        for name in args.lenet_only.split(","):
+            vectors = not name.strip().endswith(" values")
+            base = name.strip().removesuffix(" values")
+            if base not in (PROBLEMS if vectors else VALUES_ONLY):
+                parser.error(f"--lenet-only: unknown solve {name!r}")
+            only.add((base, vectors))
 
     out: dict[str, Any] = {"products": [], "lenet": {}, "sweep": []}
     sections: dict[str, dict[str, float]] = {}

@@ -337,21 +337,25 @@ def _rotate_leaf(leaf: jax.Array, coeffs: jax.Array, num_blocks: int) -> jax.Arr
     axis = _block_axis(leaf, num_blocks)
     if axis is None:
         return leaf.at[:r].set(jnp.tensordot(c, leaf, axes=1, precision=_HIGHEST))
-    width = leaf.shape[axis] // num_blocks
+    size = leaf.shape[axis]
+    width = -(-size // num_blocks)
+    # The last block is shifted back to end at the edge and writes only its columns not yet
+    # rotated (each column rotates on its own). A separate tail slice made XLA copy the whole
+    # stack when the axis was not a multiple of num_blocks.
+    count = -(-size // width)
+    shape = [1] * leaf.ndim
+    shape[axis] = width
 
     def block(i, buf):
-        start = i * width
+        done = i * width
+        start = jnp.minimum(done, size - width)
         cols = jax.lax.dynamic_slice_in_dim(buf, start, width, axis=axis)
         new = jnp.tensordot(c, cols, axes=1, precision=_HIGHEST)
+        fresh = (start + jnp.arange(width) >= done).reshape(shape)
+        new = jnp.where(fresh, new, jax.lax.slice_in_dim(cols, 0, r, axis=0))
         return jax.lax.dynamic_update_slice_in_dim(buf, new, start, axis=axis)
 
-    out = jax.lax.fori_loop(0, num_blocks, block, leaf)
-    tail = num_blocks * width
-    if tail < leaf.shape[axis]:
-        cols = jax.lax.slice_in_dim(out, tail, leaf.shape[axis], axis=axis)
-        new = jnp.tensordot(c, cols, axes=1, precision=_HIGHEST)
-        out = jax.lax.dynamic_update_slice_in_dim(out, new, tail, axis=axis)
-    return out
+    return jax.lax.fori_loop(0, count, block, leaf)
 
 
 def _block_axis(leaf: jax.Array, num_blocks: int) -> int | None:

@@ -310,8 +310,10 @@ def test_power_iteration_budget_and_validation():
 
 _JIT_VMAP_SCRIPT = """
 import os
-# A 2-thread XLA:CPU pool, as on the 2-core CI machine, whatever this machine has.
-os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])
+# A 2-thread XLA:CPU pool, as on the 2-core CI machine, whatever this machine has (Linux;
+# elsewhere the pool is the machine's).
+if hasattr(os, "sched_setaffinity"):
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])
 import jax, jax.numpy as jnp, numpy as np, hesskit as hk
 d = jnp.linspace(-1.0, 10.0, 200)
 op = hk.LinearOperator(lambda v: d * v, jnp.zeros(200))

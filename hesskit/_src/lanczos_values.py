@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from hesskit._src import krylov, validation
 from hesskit._src.operators import LinearOperator
@@ -58,6 +59,7 @@ class _Ritz(NamedTuple):
     estimates: jax.Array  # (k,) |beta_j s_{j,i}|; inf in empty slots
     filled: jax.Array  # (k,) a good (non-spurious) Ritz value is in the slot
     scale: jax.Array  # max |theta| over the whole of T_j
+    trusted: jax.Array  # (k,) no undecided value lies between the slot and its end
 
 
 def _sturm_counts(
@@ -173,6 +175,7 @@ class _End(NamedTuple):
     count: jax.Array  # number of filled slots
     next_index: jax.Array  # the first index (counted from this end) not examined
     claimed: jax.Array  # the lowest index (from this end) in a group that filled a slot
+    trusted: jax.Array  # slots from this one on have an undecided value before them
 
 
 def _top_end(
@@ -183,6 +186,7 @@ def _top_end(
     limit: jax.Array,
     tols: tuple[jax.Array, jax.Array, jax.Array],
     bounds: tuple[jax.Array, jax.Array],
+    resolved: bool,
 ) -> _End:
     """The ``wanted`` largest good Ritz values of T_j, examined from the top down.
 
@@ -191,6 +195,14 @@ def _top_end(
     whose extent ``[theta - multol, theta]`` is read from one Sturm count, so that however
     many copies of a converged value pile up, the next round starts under them. The bottom end
     is the top end of ``-T_j``. ``limit`` is the lowest index this end may examine.
+
+    Unless the tridiagonal work is ``resolved`` (float64), a value the ghost test rejects
+    while its estimate has not converged is undecided: float32 bisection cannot tell a ghost
+    (which matches T^_j to far below float32's eps) from a good value whose eigenvector has a
+    small first component (which misses T^_j by about that component squared times a gap,
+    measured at 1e-5 to 1e-4 of ||T|| on clustered ends). One farther than ``2 reach + multol``
+    from every good value (ghosts form next to converged values) marks the slots after it as
+    untrusted, so that the run goes on until it converges or moves next to a good value.
     """
     stol, multol, reach = tols
     lower, upper = bounds
@@ -250,6 +262,19 @@ def _top_end(
         # no longer tell a good value from a ghost.
         good = exists & (multiple | ~near_hat[rep_at] | (group_e <= reach))
         slot = jnp.where(good, st.count + jnp.cumsum(good) - 1, wanted)
+        if resolved:
+            trusted = st.trusted
+        else:
+            known = jnp.concatenate([jnp.where(good, best_v, jnp.nan), st.values])
+            gap = jnp.min(
+                jnp.abs(best_v[:, None] - known[None, :]),
+                axis=1,
+                initial=jnp.inf,
+                where=~jnp.isnan(known)[None, :],
+            )
+            before = st.count + jnp.cumsum(good) - good
+            undecided = exists & ~good & (gap > 2 * reach + multol) & (before < wanted)
+            trusted = jnp.minimum(st.trusted, jnp.min(jnp.where(undecided, before, wanted)))
         # The other end may examine everything below the groups that filled slots here.
         lowest = jnp.where(slot < wanted, below[rep_at], st.claimed)
         claimed = jnp.minimum(st.claimed, jnp.min(lowest)).astype(jnp.int32)
@@ -257,7 +282,7 @@ def _top_end(
         estimates = st.estimates.at[slot].set(group_e, mode="drop")
         count = jnp.minimum(st.count + jnp.sum(good), wanted).astype(jnp.int32)
         next_index = jnp.minimum(floor - 1, st.next_index - c).astype(jnp.int32)
-        return _End(values, estimates, count, next_index, claimed)
+        return _End(values, estimates, count, next_index, claimed, trusted.astype(jnp.int32))
 
     def more(st: _End) -> jax.Array:
         return (st.count < wanted) & (st.next_index >= limit)
@@ -268,6 +293,7 @@ def _top_end(
         count=jnp.zeros((), jnp.int32),
         next_index=(j - 1).astype(jnp.int32),
         claimed=j.astype(jnp.int32),
+        trusted=jnp.asarray(wanted, jnp.int32),
     )
     return jax.lax.while_loop(more, round_, init)
 
@@ -308,8 +334,9 @@ def _ritz(
     low = {"LA": 0, "SA": k, "BE": k // 2, "LM": k}[which]
     high = {"LA": k, "SA": 0, "BE": k - k // 2, "LM": k}[which]
     zero = jnp.zeros((), jnp.int32)
+    resolved = jnp.finfo(dtype).eps < 1e-10
     if low:
-        bottom = _top_end(-a, betas, j, low, zero, tols, (-upper, -lower))
+        bottom = _top_end(-a, betas, j, low, zero, tols, (-upper, -lower), resolved)
         bottom = bottom._replace(values=-bottom.values)
         # The top end stays above the groups the bottom end reported (the ends meet when j
         # is small), so that no eigenvalue of T_j is reported twice.
@@ -317,13 +344,15 @@ def _ritz(
     else:
         top_limit = zero
     if high:
-        top = _top_end(a, betas, j, high, top_limit, tols, (lower, upper))
+        top = _top_end(a, betas, j, high, top_limit, tols, (lower, upper), resolved)
     if which == "LA":
         values, estimates, count = top.values, top.estimates, top.count
         filled = jnp.arange(k) < count
+        trusted = jnp.arange(k) < top.trusted
     elif which == "SA":
         values, estimates = bottom.values, bottom.estimates
         filled = jnp.arange(k) < bottom.count
+        trusted = jnp.arange(k) < bottom.trusted
     elif which == "BE":
         # Ascending: the bottom values as found, then the top ones reversed.
         values = jnp.concatenate([bottom.values, top.values[::-1]])
@@ -331,15 +360,20 @@ def _ritz(
         filled = jnp.concatenate(
             [jnp.arange(low) < bottom.count, (jnp.arange(high) < top.count)[::-1]]
         )
+        trusted = jnp.concatenate(
+            [jnp.arange(low) < bottom.trusted, (jnp.arange(high) < top.trusted)[::-1]]
+        )
     else:  # LM: the k largest in magnitude among both ends' good values.
         both_v = jnp.concatenate([bottom.values, top.values])
         both_e = jnp.concatenate([bottom.estimates, top.estimates])
         both_f = jnp.concatenate([jnp.arange(k) < bottom.count, jnp.arange(k) < top.count])
+        both_t = jnp.concatenate([jnp.arange(k) < bottom.trusted, jnp.arange(k) < top.trusted])
         order = jnp.argsort(jnp.where(both_f, -jnp.abs(both_v), jnp.inf))[:k]
         values, estimates, filled = both_v[order], both_e[order], both_f[order]
+        trusted = both_t[order]
     values = jnp.where(filled, values, jnp.nan)
     estimates = jnp.where(filled, estimates, jnp.inf)
-    return _Ritz(values=values, estimates=estimates, filled=filled, scale=scale)
+    return _Ritz(values=values, estimates=estimates, filled=filled, scale=scale, trusted=trusted)
 
 
 def eigvalsh_lanczos(
@@ -352,6 +386,7 @@ def eigvalsh_lanczos(
     max_matvecs: int = 2000,
     check_every: int = DEFAULT_CHECK_EVERY,
     loop: str = "auto",
+    verify: bool = True,
 ) -> EigResult:
     r"""The ``k`` extreme eigenvalues of a symmetric operator by Lanczos with no stored basis.
 
@@ -383,8 +418,16 @@ def eigvalsh_lanczos(
     Paige's theorem a small estimate places an eigenvalue of ``A`` within it, while near a dense
     bulk in float32 the test alone could drop a good value. The tridiagonal work runs in float64
     whenever x64 is enabled (a few thousand scalars), which keeps ghosts (they match
-    :math:`\hat T_j` to about eps of that work) apart from good values (which miss it by about
-    :math:`s_{1,i}^2` times their gap, :math:`s_{1,i}` the first component of the eigenvector).
+    :math:`\hat T_j` to 1e-11 of :math:`\|T_j\|` or closer) apart from good values (which miss
+    it by about :math:`s_{1,i}^2` times their gap, :math:`s_{1,i}` the first component of the
+    eigenvector: 1e-5 of :math:`\|T_j\|` for a value 0.04 from its neighbours with
+    :math:`s_{1,i} = 2 \cdot 10^{-3}`). With x64 off float32 cannot tell the two apart, so a
+    simple value the test rejects before its estimate has converged is undecided, and while one
+    lies at the wanted end farther than ``2 tol max|theta|`` plus the copy tolerance from every
+    good value (ghosts form next to converged values), the values past it are not converged and
+    the run goes on. Dropping such values instead made 7 of 16 float32 SA(3) runs on a
+    clustered negative end (four values 0.04-0.07 apart under a top end of 120) stop without
+    one of them; with this rule 0 of 16 did, at 224 products on average against 213.
 
     Convergence is judged from the Ritz residual estimates :math:`|\beta_j s_{j,i}|`
     (:math:`s_{j,i}` the last component of :math:`T_j`'s unit eigenvector, by two steps of
@@ -395,10 +438,22 @@ def eigvalsh_lanczos(
     ``eps * ||A||`` of the products. A group of copies is estimated at no more than ``multol``
     (some unit vector in the copies' span has a zero last component).
 
+    A start vector with little along an eigenvector (a warm start from an earlier eigenvector,
+    or chance) can let the other values converge before that eigenvalue has a Ritz value, and
+    then nothing in :math:`T_j` shows it is missing. With ``verify`` (the default) the run is
+    followed by independent runs from fresh random directions until one adds no converged value
+    at the wanted end: their values merge with the first run's, two values closer than
+    ``2 tol max|theta|`` plus ``multol`` counting as one eigenvalue seen twice. Each check may
+    take twice the first run's products and at most ``k`` checks run, within ``max_matvecs``
+    in all; a solve costs about twice the products of a single run (SA(3) on the clustered end
+    above: 438 on average against 224, and with a start poor in -11.61 the single run returns
+    -11.68, -11.57, -11.51 as converged, the checked one -11.68, -11.61, -11.57).
+
     Known limit: a single start vector sees one direction per eigenspace, and without a basis
     there is nothing to deflate against, so an eigenvalue repeated exactly is reported once (as
     one converged value), and the next slots hold the next distinct values; likewise distinct
-    eigenvalues closer than ``multol`` (7.6e-6 of :math:`\|A\|` in float32) count as one.
+    eigenvalues closer than ``multol`` (7.6e-6 of :math:`\|A\|` in float32) count as one, and
+    with ``verify`` those closer than ``2 tol max|theta|`` do.
     Accuracy is that of the Ritz values, about eps of the products times :math:`\|A\|`
     (:func:`~hesskit.eigsh` refines its values by Rayleigh quotients, which this mode cannot
     form), so in float32 small eigenvalues next to a large top end are accurate relative to
@@ -424,7 +479,8 @@ def eigvalsh_lanczos(
             stopping point by about ``check_every / 2`` products, and a check costs (measured
             on 2 busy CPU cores) 3-6 ms for SA(3) at 100-600 steps and 11-30 ms for LA(10)
             (whose top end piles up copies), against 2.8 ms per product of the 85k-parameter
-            benchmark MLP; on that MLP SA(3) took 600 / 624 / 672 products at 8 / 16 / 32.
+            benchmark MLP; on that MLP single runs of SA(3) took 600 / 624 / 672 products at 8 /
+            16 / 32.
             The default 16 keeps checks near 10% of the products' time there and negligible
             for models whose product costs more than a check, where overshoot dominates.
         loop: ``"auto"``, ``"compiled"`` or ``"host"``, as in :func:`~hesskit.eigsh`: ``"host"``
@@ -432,11 +488,14 @@ def eigvalsh_lanczos(
             Python, since XLA:CPU runs convolutions inside ``while`` loops many times slower
             (jax-ml/jax#12868); ``"auto"`` picks it on CPU outside traced code for such
             products, and the single compiled loop otherwise.
+        verify: follow a converged run by independent checking runs (see above); ``False``
+            returns the single run's values, at about half the products.
 
     Returns:
         An :class:`~hesskit._src.thick_restart.EigResult` with ``eigenvectors=None``,
         ``residuals`` the estimates above, ``num_restarts=0``, and ``status`` (when the result
-        has that field): ``CONVERGED``; ``MAX_MATVECS`` when the budget ran out, or when the
+        has that field): ``CONVERGED``; ``MAX_MATVECS`` when the budget ran out (in the first
+        run; a check cut short by the budget keeps the values found, converged), or when the
         Krylov space became invariant (``beta ~ 0``) with fewer than ``k`` converged values,
         since more products could not add any; ``NONFINITE`` (with ``ok=False``) after a NaN or
         Inf; ``PRECISION_FLOOR`` when ``tol`` is below the products' eps.
@@ -481,7 +540,7 @@ def eigvalsh_lanczos(
     if v0 is not None:
         validation.check_like(v0, op.like, name="v0", like_name="the operator's vectors")
     tol = jnp.asarray(tol, krylov.krylov_dtype(op.like))
-    cfg = _config(op, k, which, max_matvecs, check_every)
+    cfg = _config(op, k, which, max_matvecs, check_every, verify)
     if krylov.resolve_loop(loop, op, key, v0) == "compiled":
         return _eigvalsh_compiled(op, key, v0, tol, cfg)
     return _eigvalsh_host(op, key, v0, tol, cfg)
@@ -507,6 +566,7 @@ class _Config(NamedTuple):
     check_every: int
     copy_eps: float
     floor: float
+    verify: bool
 
 
 class _State(NamedTuple):
@@ -520,31 +580,40 @@ class _State(NamedTuple):
     breakdown: jax.Array
     ritz: _Ritz
     done: jax.Array
+    limit: jax.Array  # the products this run may take (the rest of the budget)
 
 
-def _config(op: LinearOperator, k: int, which: str, max_matvecs: int, check_every: int):
+def _config(
+    op: LinearOperator, k: int, which: str, max_matvecs: int, check_every: int, verify: bool
+):
     eps = jnp.finfo(krylov.krylov_dtype(op.like)).eps
     floor = _precision_floor(op.like)
     # Copies of one eigenvalue: 64 eps of the vectors (measured spread of 30 float32 copies:
     # 8 eps ||A||), or 4 eps of a narrower product dtype (bfloat16 copies spread by about
     # 0.15 of its eps), the default tolerance there.
     copy_eps = max(_MULTOL_FACTOR * float(eps), 4 * floor)
-    return _Config(int(k), which, max_matvecs, check_every, copy_eps, floor)
+    return _Config(int(k), which, max_matvecs, check_every, copy_eps, floor, verify)
 
 
-def _init(op: LinearOperator, key: jax.Array, v0: PyTree | None, cfg: _Config) -> _State:
-    dtype = krylov.krylov_dtype(op.like)
-    tdtype = _tridiagonal_dtype(dtype)
-    start = (
-        tree_random_sphere(key, krylov.krylov_like(krylov.vector_like(op))) if v0 is None else v0
-    )
-    q0, norm0 = tree_normalize(krylov.to_krylov(start))
-    empty = _Ritz(
+def _random_start(op: LinearOperator, key: jax.Array) -> PyTree:
+    return tree_random_sphere(key, krylov.krylov_like(krylov.vector_like(op)))
+
+
+def _empty_ritz(cfg: _Config, tdtype: Any) -> _Ritz:
+    return _Ritz(
         values=jnp.full(cfg.k, jnp.nan, tdtype),
         estimates=jnp.full(cfg.k, jnp.inf, tdtype),
         filled=jnp.zeros(cfg.k, bool),
         scale=jnp.zeros((), tdtype),
+        trusted=jnp.ones(cfg.k, bool),
     )
+
+
+def _init(op: LinearOperator, start: PyTree, cfg: _Config, limit: jax.Array) -> _State:
+    dtype = krylov.krylov_dtype(op.like)
+    tdtype = _tridiagonal_dtype(dtype)
+    q0, norm0 = tree_normalize(krylov.to_krylov(start))
+    empty = _empty_ritz(cfg, tdtype)
     return _State(
         q_prev=jax.tree_util.tree_map(jnp.zeros_like, q0),
         q=q0,
@@ -556,6 +625,7 @@ def _init(op: LinearOperator, key: jax.Array, v0: PyTree | None, cfg: _Config) -
         breakdown=jnp.asarray(False),
         ritz=empty,
         done=jnp.asarray(False),
+        limit=jnp.asarray(limit, jnp.int32),
     )
 
 
@@ -599,18 +669,89 @@ def _analyse(st: _State, tol: jax.Array, cfg: _Config) -> _State:
     reach_rel = jnp.maximum(tol, cfg.floor).astype(st.alphas.dtype)
     ritz = _ritz(st.alphas, st.betas, st.steps, cfg.which, cfg.k, cfg.copy_eps, reach_rel)
     reach = reach_rel * ritz.scale
-    settled = jnp.all(ritz.filled & (ritz.estimates <= reach))
-    done = settled | (st.steps >= cfg.n) | st.breakdown | ~st.ok
+    settled = jnp.all(ritz.filled & (ritz.estimates <= reach) & ritz.trusted)
+    done = settled | (st.steps >= st.limit) | st.breakdown | ~st.ok
     return st._replace(ritz=ritz, done=done)
 
 
-def _finish(final: _State, tol: jax.Array, cfg: _Config) -> EigResult:
-    ritz = final.ritz
+def _usable(ritz: _Ritz, tol: jax.Array, cfg: _Config) -> jax.Array:
+    reach = jnp.maximum(tol, cfg.floor).astype(ritz.scale.dtype) * ritz.scale
+    return ritz.filled & (ritz.estimates <= reach) & ritz.trusted
+
+
+def _merge_end(old, new, new_ok, sep, order_key):
+    """The most wanted of ``old``'s values and ``new``'s converged ones that ``old`` lacks."""
+    (old_v, old_e, old_f), (new_v, new_e) = old, new
+    count = old_v.shape[0]
+    same = jnp.abs(new_v[:, None] - old_v[None, :]) <= sep
+    fresh = new_ok & ~jnp.any(same & old_f[None, :], axis=1)
+    v = jnp.concatenate([old_v, new_v])
+    e = jnp.concatenate([old_e, new_e])
+    f = jnp.concatenate([old_f, fresh])
+    order = jnp.argsort(jnp.where(f, order_key(v), jnp.inf))[:count]
+    from_new = order >= count
+    v, e, f = v[order], e[order], f[order]
+    v = jnp.where(f, v, jnp.nan)
+    e = jnp.where(f, e, jnp.inf)
+    return v, e, f, jnp.any(f & from_new)
+
+
+def _merge(old: _Ritz, new: _Ritz, tol: jax.Array, cfg: _Config) -> tuple[_Ritz, jax.Array]:
+    """Adds to ``old`` the converged values of an independent run that it missed.
+
+    Two values closer than ``2 tol max|theta|`` plus the copy tolerance are one eigenvalue
+    seen twice (each lies within its residual estimate of it); any other converged value of
+    ``new`` at the wanted end is an eigenvalue ``old`` did not see. Returns the merged values
+    and whether any of them came from ``new``.
+    """
+    scale = jnp.maximum(old.scale, new.scale)
+    reach = jnp.maximum(tol, cfg.floor).astype(scale.dtype) * scale
+    sep = 2 * reach + cfg.copy_eps * scale
+    new_ok = _usable(new._replace(scale=scale), tol, cfg)
+    parts = (old.values, old.estimates, old.filled), (new.values, new.estimates), new_ok
+
+    def end(sl, order_key, flip=False):
+        (ov, oe, of), (nv, ne), ok = parts
+        rev = slice(None, None, -1) if flip else slice(None)
+        v, e, f, changed = _merge_end(
+            (ov[sl][rev], oe[sl][rev], of[sl][rev]),
+            (nv[sl][rev], ne[sl][rev]),
+            ok[sl][rev],
+            sep,
+            order_key,
+        )
+        return v[rev], e[rev], f[rev], changed
+
+    whole = slice(None)
+    if cfg.which == "LA":
+        pieces = [end(whole, lambda v: -v)]
+    elif cfg.which == "SA":
+        pieces = [end(whole, lambda v: v)]
+    elif cfg.which == "LM":
+        pieces = [end(whole, lambda v: -jnp.abs(v))]
+    else:  # BE: the bottom values ascending, then the top ones ascending (most extreme last).
+        low = cfg.k // 2
+        pieces = [end(slice(low, None), lambda v: -v, flip=True)]
+        if low:
+            pieces.insert(0, end(slice(0, low), lambda v: v))
+    values, estimates, filled = (jnp.concatenate([p[i] for p in pieces]) for i in range(3))
+    changed = jnp.any(jnp.stack([p[3] for p in pieces]))
+    merged = _Ritz(
+        values=values,
+        estimates=estimates,
+        filled=filled,
+        scale=scale,
+        trusted=jnp.ones_like(filled),
+    )
+    return merged, changed
+
+
+def _finish(ritz: _Ritz, ok: jax.Array, steps: jax.Array, tol: jax.Array, cfg: _Config):
     dtype = tol.dtype
-    ok = final.ok & jnp.all(jnp.where(ritz.filled, jnp.isfinite(ritz.values), True))
+    ok = ok & jnp.all(jnp.where(ritz.filled, jnp.isfinite(ritz.values), True))
     reachable = tol >= cfg.floor
-    converged = ritz.filled & (ritz.estimates <= tol * ritz.scale) & reachable & ok
-    floored = ritz.filled & (ritz.estimates <= cfg.floor * ritz.scale)
+    converged = ritz.filled & (ritz.estimates <= tol * ritz.scale) & reachable & ok & ritz.trusted
+    floored = ritz.filled & (ritz.estimates <= cfg.floor * ritz.scale) & ritz.trusted
     status = jnp.where(
         ~ok,
         krylov.NONFINITE,
@@ -625,11 +766,72 @@ def _finish(final: _State, tol: jax.Array, cfg: _Config) -> EigResult:
         eigenvectors=None,
         residuals=ritz.estimates.astype(dtype),
         converged=converged,
-        num_matvecs=final.steps,
+        num_matvecs=jnp.asarray(steps, jnp.int32),
         num_restarts=jnp.zeros((), jnp.int32),
         ok=ok,
         status=status,
     )
+
+
+class _Rounds(NamedTuple):
+    ritz: _Ritz  # the values found so far, merged over the runs
+    used: jax.Array  # products taken by all runs
+    first: jax.Array  # products of the first run
+    ok: jax.Array
+    again: jax.Array  # the last run was the first, or added a value: run another
+    round: jax.Array
+
+
+def _check_limit(rounds: _Rounds, cfg: _Config) -> jax.Array:
+    # A checking run may take twice the first run's products (a start vector poor in the
+    # missed direction is not what it needs), and never more than the budget left.
+    return jnp.minimum(cfg.n - rounds.used, 2 * rounds.first)
+
+
+def _more_rounds(rounds: _Rounds, cfg: _Config) -> jax.Array:
+    limit = rounds.round == 0 if not cfg.verify else rounds.round <= cfg.k
+    return rounds.again & rounds.ok & (rounds.used < cfg.n) & limit
+
+
+def _next_round(rounds: _Rounds, run: _State, tol: jax.Array, cfg: _Config) -> _Rounds:
+    first = rounds.round == 0
+    merged, changed = _merge(rounds.ritz, run.ritz, tol, cfg)
+    ok = rounds.ok & run.ok
+    # A NaN in a checking run leaves the values found so far, with ok=False.
+    ritz = jax.tree_util.tree_map(
+        lambda a, b, c: jnp.where(first, a, jnp.where(run.ok, b, c)), run.ritz, merged, rounds.ritz
+    )
+    again = jnp.where(first, jnp.all(_usable(run.ritz, tol, cfg)), changed)
+    return _Rounds(
+        ritz=ritz,
+        used=rounds.used + run.steps,
+        first=jnp.where(first, run.steps, rounds.first),
+        ok=ok,
+        again=again,
+        round=rounds.round + 1,
+    )
+
+
+def _no_rounds(op: LinearOperator, cfg: _Config) -> _Rounds:
+    tdtype = _tridiagonal_dtype(krylov.krylov_dtype(op.like))
+    zero = jnp.zeros((), jnp.int32)
+    return _Rounds(
+        ritz=_empty_ritz(cfg, tdtype),
+        used=zero,
+        first=zero,
+        ok=jnp.asarray(True),
+        again=jnp.asarray(True),
+        round=zero,
+    )
+
+
+def _round_start(op: LinearOperator, key: jax.Array, v0: PyTree | None, r: jax.Array):
+    # The first run starts from v0 (or from ``key``, as a single run would); each checking
+    # run from its own independent random direction.
+    fresh = _random_start(op, jax.random.fold_in(key, r))
+    if v0 is None:
+        return jax.lax.cond(r == 0, lambda: _random_start(op, key), lambda: fresh)
+    return optax.tree_utils.tree_where(r == 0, v0, fresh)
 
 
 @functools.partial(jax.jit, static_argnums=4)
@@ -637,19 +839,27 @@ def _eigvalsh_compiled(op, key, v0, tol, cfg: _Config) -> EigResult:
     op = op.linearize()
 
     def cycle(st: _State) -> _State:
-        stop = jnp.minimum(st.steps + cfg.check_every, cfg.n)
+        stop = jnp.minimum(st.steps + cfg.check_every, st.limit)
         st = jax.lax.while_loop(lambda s: _active(s, stop), lambda s: _step(op, s), st)
         return _analyse(st, tol, cfg)
 
-    final = jax.lax.while_loop(lambda s: ~s.done, cycle, _init(op, key, v0, cfg))
-    return _finish(final, tol, cfg)
+    def one_round(rounds: _Rounds) -> _Rounds:
+        limit = jnp.where(rounds.round == 0, cfg.n, _check_limit(rounds, cfg))
+        st = _init(op, _round_start(op, key, v0, rounds.round), cfg, limit)
+        run = jax.lax.while_loop(lambda s: ~s.done, cycle, st)
+        return _next_round(rounds, run, tol, cfg)
+
+    rounds = jax.lax.while_loop(lambda r: _more_rounds(r, cfg), one_round, _no_rounds(op, cfg))
+    return _finish(rounds.ritz, rounds.ok, rounds.used, tol, cfg)
 
 
 # The host loop's pieces: each compiles once per operator structure and configuration. The
 # state is donated, so a step updates the three vectors in place.
-_init_jit = jax.jit(_init, static_argnums=3)
+_init_jit = jax.jit(_init, static_argnums=2)
 _analyse_jit = jax.jit(_analyse, static_argnums=2, donate_argnums=0)
-_finish_jit = jax.jit(_finish, static_argnums=2)
+_finish_jit = jax.jit(_finish, static_argnums=4)
+_round_start_jit = jax.jit(_round_start)
+_next_round_jit = jax.jit(_next_round, static_argnums=3)
 
 
 @functools.partial(jax.jit, donate_argnums=1)
@@ -663,16 +873,24 @@ def _host_step(op: LinearOperator, st: _State, stop: jax.Array) -> _State:
 
 def _eigvalsh_host(op, key, v0, tol, cfg: _Config) -> EigResult:
     lin = krylov.linearized(op)
-    st = _init_jit(op, key, v0, cfg)
-    steps = 0
-    while True:
-        stop = min(steps + cfg.check_every, cfg.n)
-        stop_arr = jnp.asarray(stop, jnp.int32)
-        for _ in range(stop - steps):
-            st = _host_step(lin, st, stop_arr)
-        st = _analyse_jit(st, tol, cfg)
-        done, steps = jax.device_get((st.done, st.steps))
-        steps = int(steps)
-        if bool(done):
-            break
-    return _finish_jit(st, tol, cfg)
+    rounds = _no_rounds(op, cfg)
+    used, first = 0, 0
+    while bool(jax.device_get(_more_rounds(rounds, cfg))):
+        r = int(rounds.round)
+        limit = cfg.n if r == 0 else min(cfg.n - used, 2 * first)
+        start = _round_start_jit(op, key, v0, jnp.asarray(r, jnp.int32))
+        st = _init_jit(op, start, cfg, jnp.asarray(limit, jnp.int32))
+        steps = 0
+        while True:
+            stop = min(steps + cfg.check_every, limit)
+            stop_arr = jnp.asarray(stop, jnp.int32)
+            for _ in range(stop - steps):
+                st = _host_step(lin, st, stop_arr)
+            st = _analyse_jit(st, tol, cfg)
+            done, steps = jax.device_get((st.done, st.steps))
+            steps = int(steps)
+            if bool(done):
+                break
+        rounds = _next_round_jit(rounds, st, tol, cfg)
+        used, first = used + steps, first if r else steps
+    return _finish_jit(rounds.ritz, rounds.ok, rounds.used, tol, cfg)

@@ -143,7 +143,9 @@ def eigsh(
             SA(3) 180-217 -> 249, BE(6) 180-191 -> 247-258); on 400-dimensional spectra with
             a triple eigenvalue next to a bulk it found every copy in 72 of 72 solves, where
             a window of an eighth of the products missed one in 22. ``False`` skips it, as
-            ARPACK and SciPy do.
+            ARPACK and SciPy do. With ``return_eigenvectors=False`` there is no basis to be
+            orthogonal to: independent runs from fresh random directions check the first
+            (about twice the products; see :func:`hesskit._src.lanczos_values`).
         return_eigenvectors: ``False`` (SciPy's name) runs Lanczos without a stored basis and
             returns ``eigenvectors=None`` (see :func:`hesskit._src.lanczos_values`).
         loop: ``"auto"``, ``"compiled"`` or ``"host"`` (see above).
@@ -227,7 +229,7 @@ def eigsh(
     if not return_eigenvectors:
         from hesskit._src.lanczos_values import eigvalsh_lanczos
 
-        return eigvalsh_lanczos(op, key, v0, tol, k, which, max_matvecs, loop=loop)
+        return eigvalsh_lanczos(op, key, v0, tol, k, which, max_matvecs, loop=loop, verify=verify)
     # The rounding floor of the residuals: the least precise of the products and the basis.
     dtypes = [jnp.result_type(x) for x in jax.tree_util.tree_leaves(op.like)]
     dtypes += [] if basis_dtype is None else [basis_dtype]

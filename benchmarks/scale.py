@@ -69,6 +69,7 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 PROBLEMS = {"LA(10)": ("LA", 10), "SA(3)": ("SA", 3), "BE(6)": ("BE", 6)}
 VALUES_ONLY = {"LA(10)": ("LA", 10), "SA(3)": ("SA", 3)}
 F32 = 4
+HVP_CHUNK = "HVP (vmapped over a chunk of probes)"
 
 # -- Measurement helpers ---------------------------------------------------------------------
 
@@ -702,6 +703,11 @@ def sweep_size(
     # the temporaries are the solver's own (plus one product's activations: the "HVP" column).
     cases = {
         "HVP (linearized product)": lambda p, d, v: op_of(p, d).linearize()(v),
+        # Hutch++ multiplies a chunk of probes at once, and each holds its own activations:
+        # its baseline is this, not one product.
+        HVP_CHUNK: lambda p, d, v: jax.vmap(lambda s: op_of(p, d).linearize()(hk.tree_scale(s, v)))(
+            jnp.arange(1.0, chunk + 1.0)
+        ),
         "eigsh": lambda p, d, v: eigsh_values_and_count(
             op_of(p, d), key, k, krylov_dim=krylov_dim, max_matvecs=4 * krylov_dim
         ),
@@ -754,9 +760,12 @@ def sweep_size(
     # A product's own activations are in every solver's temporaries and are not in the formulas
     # (at 1e4 parameters and 512 examples they are worth tens of vectors): subtract them.
     hvp_temp = memory_rows["HVP (linearized product)"]["temp_bytes"]
+    chunk_temp = memory_rows[HVP_CHUNK]["temp_bytes"]
     for name, r in memory_rows.items():
-        ok = name != "HVP (linearized product)" and None not in (r["temp_bytes"], hvp_temp)
-        r["vectors_beyond_hvp"] = (r["temp_bytes"] - hvp_temp) / vec if ok else None
+        base = chunk_temp if name == "hutch++" else hvp_temp
+        ok = not name.startswith("HVP") and None not in (r["temp_bytes"], base)
+        r["vectors_beyond_hvp"] = (r["temp_bytes"] - base) / vec if ok else None
+        r["baseline"] = None if not ok else HVP_CHUNK if name == "hutch++" else "one HVP"
     # Time per product: a bare jitted HVP against eigsh's wall time over its products, at a
     # budget of time_products (one cycle of krylov_dim = time_products, tol out of reach).
     hvp = jax.jit(lambda p, d, v: hk.hvp(lambda q: loss(q, d), p, v))
@@ -836,6 +845,16 @@ def to_markdown(out: dict) -> str:
         "",
         f"Command: `python benchmarks/scale.py {' '.join(meta.get('argv', []))}`",
         "",
+        *(
+            [
+                "Parts not measured by this command come from earlier runs of this file: "
+                + "; ".join(f"{part} from {d}" for part, d in meta["carried"].items())
+                + ".",
+                "",
+            ]
+            if meta.get("carried")
+            else []
+        ),
         "## Summary: a product inside the solvers against a bare jitted HVP",
         "",
         "The issue asks for at most 1.3x. `fori_loop` is a fully compiled loop of linearized "
@@ -907,7 +926,8 @@ def to_markdown(out: dict) -> str:
         lines.append(
             f"| {r['problem']} | {r['mode']} | {cap} | {r['wall_s']:.1f} | "
             f"{r['compile_s']:.1f} | {r['ms_per_product']:.0f} | "
-            f"{r['ms_per_product'] / bare:.2f} | {r['max_rel_residual']:.1e} | "
+            f"{r['ms_per_product'] / r.get('bare_hvp_ms', bare):.2f} | "
+            f"{r['max_rel_residual']:.1e} | "
             f"{r['converged']}/{r['k']} | {_num(r['status'], 'd')} | "
             f"{_fmt_bytes(r['peak_rss_bytes'])} ({_fmt_bytes(r['rss_delta_bytes'])}) | "
             f"{_fmt_bytes(r['device_peak_bytes'])} |"
@@ -928,7 +948,9 @@ def to_markdown(out: dict) -> str:
         "",
         "XLA temporaries (`memory_analysis().temp_size_in_bytes`) over 4 bytes x parameters; "
         "the formula counts the solver's vectors only (not one product's activations, shown "
-        f"as the HVP row). Formulas from {source}.",
+        "as the HVP row). 'Beyond the products' subtracts one HVP's temporaries, and for "
+        "Hutch++, which multiplies a chunk of probes at once, those of a vmapped chunk "
+        f"(every probe holds its own activations). Formulas from {source}.",
         "",
     ]
     if out["sweep"]:
@@ -939,7 +961,8 @@ def to_markdown(out: dict) -> str:
             "",
         ]
         lines += [
-            "| params | vector | what | temp bytes | vectors held | beyond one HVP | formula |",
+            "| params | vector | what | temp bytes | vectors held | beyond the products | "
+            "formula |",
             "|---:|---:|---|---:|---:|---:|---:|",
         ]
         for sz in out["sweep"]:
@@ -1124,21 +1147,23 @@ def main(argv=None) -> dict:
     lap("product cost (mlp, cnn)")
     # At 3.3M parameters on CPU a compiled loop of products costs minutes: two products, timed
     # once (compile time subtracted); the solver's own cost per product is in the LeNet rows.
-    print("product cost: lenet", flush=True)
-    lenet_costs = product_costs(
-        "lenet",
-        loss,
-        params,
-        data,
-        op,
-        loop_n=lenet_loop_n,
-        repeats=1,
-        loop_repeats=0,
-        eigsh_budget=0,
-        solver_loops=[],
-    )
-    out["products"].append(lenet_costs)
-    lap("product cost (lenet)")
+    # The LeNet's product cost is the unit of its solves: measured unless both are skipped.
+    if not {"products", "lenet"} <= skip:
+        print("product cost: lenet", flush=True)
+        lenet_costs = product_costs(
+            "lenet",
+            loss,
+            params,
+            data,
+            op,
+            loop_n=lenet_loop_n,
+            repeats=1,
+            loop_repeats=0,
+            eigsh_budget=0,
+            solver_loops=[],
+        )
+        out["products"].append(lenet_costs)
+        lap("product cost (lenet)")
 
     if "lenet" not in skip:
         bare = lenet_costs["rows"]["bare HVP (jit, whole batch)"]["ms"] / 1e3
@@ -1203,12 +1228,84 @@ def main(argv=None) -> dict:
     dest = pathlib.Path(args.out)
     dest.mkdir(parents=True, exist_ok=True)
     stem = dest / f"scale-{out['meta']['backend']}{'-quick' if args.quick else ''}"
+    previous = stem.with_suffix(".json")
+    if (skip or only is not None or args.sizes) and not args.quick and previous.exists():
+        old = json.loads(previous.read_text())
+        out = carry_forward(out, old, skip, only, some_sizes=bool(args.sizes))
     # The numbers first: a run of many minutes must not be lost to a table-formatting slip.
     stem.with_suffix(".json").write_text(json.dumps(out, indent=2))
     partial.unlink(missing_ok=True)
     md = to_markdown(out)
     print(md)
     stem.with_suffix(".md").write_text(md + "\n")
+    return out
+
+
+def _rel_diff(a: list[float], b: list[float]) -> float | None:
+    if len(a) != len(b):
+        return None
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.max(np.abs(a - b) / np.abs(b)))
+
+
+def carry_forward(
+    out: dict, old: dict, skip: set[str], only: set | None, some_sizes: bool = False
+) -> dict:
+    """Fills the parts a partial run did not measure from the previous results file.
+
+    A run with ``--skip`` or ``--lenet-only`` measures some parts only; the others (the MLP
+    and CNN product costs, the sweep or its sizes not rerun, LeNet solves not rerun) come from
+    ``old``, each marked
+    with the date of the run that measured it, so that one table stays complete. LeNet rows
+    keep their own run's bare HVP time, the unit of their ratio.
+    """
+    date = old["meta"]["date"]
+    carried = dict(old["meta"].get("carried", {}))
+    if "products" in skip:
+        mine = [p for p in out["products"] if p["model"] == "lenet"]
+        keep = [p for p in old["products"] if p["model"] != "lenet" or not mine]
+        out["products"] = keep + mine
+        carried["products (mlp, cnn)"] = date
+    if "sweep" in skip and old.get("sweep"):
+        out["sweep"] = old["sweep"]
+        carried["sweep"] = old["meta"].get("carried", {}).get("sweep", date)
+    elif some_sizes and old.get("sweep"):
+        done = {sz["target"] for sz in out["sweep"]}
+        kept = [sz for sz in old["sweep"] if sz["target"] not in done]
+        out["sweep"] = sorted(kept + out["sweep"], key=lambda sz: sz["target"])
+        if kept:
+            sizes = ", ".join(f"{sz['target']:.0e}" for sz in kept)
+            carried[f"sweep sizes {sizes}"] = date
+    if "lenet" in skip and "lenet" in old:
+        out["lenet"] = old["lenet"]
+        carried["lenet solves"] = date
+    elif only is not None and "lenet" in out and "lenet" in old:
+        now = out["meta"]["date"]
+        for r in out["lenet"]["rows"]:
+            r.setdefault("run", now)
+            r.setdefault("bare_hvp_ms", out["lenet"]["bare_hvp_ms"])
+        new = {(r["problem"], r["mode"]): r for r in out["lenet"]["rows"]}
+        rows = []
+        for r in old["lenet"]["rows"]:
+            key = (r["problem"], r["mode"])
+            if key in new:
+                rows.append(new.pop(key))
+            else:
+                r = dict(r)
+                r.setdefault("run", date)
+                r.setdefault("bare_hvp_ms", old["lenet"]["bare_hvp_ms"])
+                rows.append(r)
+        rows += list(new.values())
+        vectors = {r["problem"]: r for r in rows if r["mode"] == "eigenvectors" and "products" in r}
+        for r in rows:
+            ref = vectors.get(r["problem"])
+            if r["mode"] != "eigenvectors" and "products" in r and ref is not None:
+                r["max_rel_diff_to_eigenvector_mode"] = _rel_diff(
+                    r["eigenvalues"], ref["eigenvalues"]
+                )
+        out["lenet"]["rows"] = rows
+        carried["lenet solves not rerun"] = date
+    out["meta"]["carried"] = carried
     return out
 
 

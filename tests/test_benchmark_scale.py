@@ -63,6 +63,52 @@ def test_scale_benchmark_quick(tmp_path):
             m = size["memory"][name]
             assert m["temp_bytes"] > 0 and _finite(m["vectors_held"])
             assert isinstance(m["formula_vectors"], int) and m["formula_vectors"] > 0
+        # Hutch++'s own vectors are counted beyond a vmapped chunk of products, not one.
+        assert size["memory"]["hutch++"]["baseline"] == scale_benchmark.HVP_CHUNK
+        assert _finite(size["memory"]["hutch++"]["vectors_beyond_hvp"])
         assert size["timing"]["bare_hvp_ms"] > 0
         loops = [v for k, v in size["timing"].items() if k.startswith("loop=")]
         assert loops and all(_finite(t["ratio_to_bare_hvp"]) and t["products"] > 0 for t in loops)
+
+
+def test_partial_run_carries_the_rest_of_the_previous_table():
+    def row(problem, mode, values, bare=None):
+        r = {"problem": problem, "mode": mode, "products": 10, "eigenvalues": values}
+        return r if bare is None else {**r, "bare_hvp_ms": bare}
+
+    old = {
+        "meta": {"date": "old"},
+        "products": [{"model": "mlp-large"}, {"model": "lenet", "old": True}],
+        "sweep": [{"target": 10}, {"target": 100, "old": True}],
+        "lenet": {
+            "bare_hvp_ms": 5.0,
+            "rows": [
+                row("SA(3)", "eigenvectors", [-2.0, -1.0]),
+                row("SA(3)", "eigenvalues only", [-2.0, -0.5]),
+            ],
+        },
+    }
+    new = {
+        "meta": {"date": "new"},
+        "products": [{"model": "lenet", "old": False}],
+        "sweep": [{"target": 100, "old": False}],
+        "lenet": {"bare_hvp_ms": 4.0, "rows": [row("SA(3)", "eigenvalues only", [-2.2, -1.0])]},
+    }
+    only = {("SA(3)", False)}
+    out = scale_benchmark.carry_forward(new, old, {"products"}, only, some_sizes=True)
+    assert [p["model"] for p in out["products"]] == ["mlp-large", "lenet"]
+    assert out["products"][1]["old"] is False
+    assert [(s["target"], s.get("old")) for s in out["sweep"]] == [(10, None), (100, False)]
+    vectors, values = out["lenet"]["rows"]
+    assert (vectors["run"], vectors["bare_hvp_ms"]) == ("old", 5.0)
+    assert (values["run"], values["bare_hvp_ms"], values["eigenvalues"]) == (
+        "new",
+        4.0,
+        [-2.2, -1.0],
+    )
+    assert values["max_rel_diff_to_eigenvector_mode"] == pytest.approx(0.1)
+    assert set(out["meta"]["carried"]) == {
+        "products (mlp, cnn)",
+        "sweep sizes 1e+01",
+        "lenet solves not rerun",
+    }

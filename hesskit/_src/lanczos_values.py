@@ -200,9 +200,9 @@ def _top_end(
     while its estimate has not converged is undecided: float32 bisection cannot tell a ghost
     (which matches T^_j to far below float32's eps) from a good value whose eigenvector has a
     small first component (which misses T^_j by about that component squared times a gap,
-    measured at 1e-5 to 1e-4 of ||T|| on clustered ends). One farther than ``2 reach + multol``
-    from every good value (ghosts form next to converged values) marks the slots after it as
-    untrusted, so that the run goes on until it converges or moves next to a good value.
+    measured at 1e-5 to 1e-4 of ||T|| on clustered ends). One farther than ``multol`` from
+    every good value (ghosts form next to converged values, and end as their copies) marks the
+    slots after it as untrusted, so that the run goes on until it converges or becomes a copy.
     """
     stol, multol, reach = tols
     lower, upper = bounds
@@ -273,7 +273,7 @@ def _top_end(
                 where=~jnp.isnan(known)[None, :],
             )
             before = st.count + jnp.cumsum(good) - good
-            undecided = exists & ~good & (gap > 2 * reach + multol) & (before < wanted)
+            undecided = exists & ~good & (gap > multol) & (before < wanted)
             trusted = jnp.minimum(st.trusted, jnp.min(jnp.where(undecided, before, wanted)))
         # The other end may examine everything below the groups that filled slots here.
         lowest = jnp.where(slot < wanted, below[rep_at], st.claimed)
@@ -424,11 +424,16 @@ def eigvalsh_lanczos(
     eigenvector: 1e-5 of :math:`\|T_j\|` for a value 0.04 from its neighbours with
     :math:`s_{1,i} = 2 \cdot 10^{-3}`). With x64 off float32 cannot tell the two apart, so a
     simple value the test rejects before its estimate has converged is undecided, and while one
-    lies at the wanted end farther than ``2 tol max|theta|`` plus the copy tolerance from every
-    good value (ghosts form next to converged values), the values past it are not converged and
-    the run goes on. Dropping such values instead made 7 of 16 float32 SA(3) runs on a
-    clustered negative end (four values 0.04-0.07 apart under a top end of 120) stop without
-    one of them; with this rule 0 of 16 did, at 224 products on average against 213.
+    lies at the wanted end farther than the copy tolerance ``multol`` from every good value
+    (ghosts form next to converged values and end as their copies), the values past it are not
+    converged and the run goes on. Dropping such values instead made 7 of 16 float32 SA(3)
+    runs on a clustered negative end (four values 0.04-0.07 apart under a top end of 120) stop
+    without one of them, and 1 of 3 on the 85k-parameter digits MLP of ``benchmarks/eigs.py``
+    (whose three most negative eigenvalues are 3.4e-5 of :math:`\|A\|` apart: relative error
+    4.2e-3, ``converged=True``); with this rule 0 of 16 and 0 of 8 did, at 225 products on
+    average against 213 on the first, 432-688 against 512-624 on the second. A window of
+    ``2 tol max|theta|`` plus ``multol`` instead still let 3 of 12 runs miss on a spectrum
+    shaped like the MLP's.
 
     Convergence is judged from the Ritz residual estimates :math:`|\beta_j s_{j,i}|`
     (:math:`s_{j,i}` the last component of :math:`T_j`'s unit eigenvector, by two steps of
@@ -454,13 +459,8 @@ def eigvalsh_lanczos(
     Known limit: a single start vector sees one direction per eigenspace, and without a basis
     there is nothing to deflate against, so an eigenvalue repeated exactly is reported once (as
     one converged value), and the next slots hold the next distinct values; likewise distinct
-    eigenvalues closer than ``multol`` (7.6e-6 of :math:`\|A\|` in float32) count as one, and a
-    Hessian's negative end is often that tight next to its top end: on the 85k-parameter
-    digits MLP of ``benchmarks/eigs.py`` the three most negative eigenvalues are 5.6e-6 of
-    :math:`\|A\|` apart, and a float32 SA(3) run from one of three keys returned the fourth in
-    place of the third (relative error 4.2e-3, ``converged=True``; the checking run merges
-    them alike). With float32 products, find such an end with the default mode, whose
-    Rayleigh quotients resolve it.
+    eigenvalues closer than ``multol`` (7.6e-6 of :math:`\|A\|` in float32; copies were
+    measured 23 eps apart, so the window cannot be much narrower) count as one.
     Accuracy is that of the Ritz values, about eps of the products times :math:`\|A\|`
     (:func:`~hesskit.eigsh` refines its values by Rayleigh quotients, which this mode cannot
     form), so in float32 small eigenvalues next to a large top end are accurate relative to

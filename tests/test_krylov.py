@@ -400,3 +400,27 @@ def test_lanczos_holds_its_basis_and_a_few_vectors():
         block = krylov.block_copy_rows(op.like, m)
         assert ma.temp_size_in_bytes / (4 * n) <= memory.lanczos_vectors(m, block_rows=block) - m
         assert ma.output_size_in_bytes / (4 * n) == pytest.approx(m, abs=0.1)
+
+
+def test_cond_any_stays_a_branch_under_vmap():
+    # vmap turns a cond with a batched predicate into both branches for every member; the
+    # solvers' restarts, verifications and second Gram-Schmidt passes then ran at every step.
+    calls = []
+
+    def true_fn(x):
+        jax.debug.callback(lambda: calls.append(1))
+        return x + 1.0
+
+    f = jax.jit(jax.vmap(lambda p, x: krylov.cond_any(p, true_fn, lambda x: x, x)))
+    out = f(jnp.array([True, False, True]), jnp.arange(3.0))
+    np.testing.assert_array_equal(out, [1.0, 1.0, 3.0])
+    assert calls
+    calls.clear()
+    out = f(jnp.array([False, False, False]), jnp.arange(3.0))
+    np.testing.assert_array_equal(out, [0.0, 1.0, 2.0])
+    assert not calls, "the branch ran though no member needed it"
+    # Outside vmap it is the plain cond.
+    assert float(jax.jit(lambda p: krylov.cond_any(p, true_fn, lambda x: x, 2.0))(True)) == 3.0
+    # batch_max: one size for the batch, the member itself outside vmap.
+    assert jax.vmap(lambda x: krylov.batch_max(x) + 0 * x)(jnp.array([3, 7, 5])).tolist() == [7] * 3
+    assert int(krylov.batch_max(jnp.asarray(4))) == 4

@@ -484,6 +484,78 @@ def block_copy_rows(like: PyTree, m: int) -> int:
     return 0 if size >= m else size
 
 
+@jax.custom_batching.custom_vmap
+def batch_max(x: jax.Array) -> jax.Array:
+    """``x`` itself; under ``vmap``, its largest member, unbatched.
+
+    For sizes that pick a branch or a trip count: vmap turns a ``switch`` or ``cond`` with a
+    batched index into all its branches (at ``krylov_dim`` 160, eighs of 32, 128 and 160 rows
+    at every Ritz check; ``jit(vmap(eigsh))`` over 4 keys took 95x a Python loop of the same
+    solves). Where a size large enough for the fullest member serves every member (rows past
+    a member's own count are masked), one index for the batch keeps the branch a branch.
+    """
+    return x
+
+
+@batch_max.def_vmap
+def _batch_max_rule(axis_size, in_batched, x):
+    del axis_size
+    return (jnp.max(x) if in_batched[0] else x), False
+
+
+@jax.custom_batching.custom_vmap
+def batch_any(x: jax.Array) -> jax.Array:
+    """``x`` itself; under ``vmap``, whether any member holds, unbatched (see :func:`cond_any`)."""
+    return x
+
+
+@batch_any.def_vmap
+def _batch_any_rule(axis_size, in_batched, x):
+    del axis_size
+    return (jnp.any(x) if in_batched[0] else x), False
+
+
+@jax.custom_batching.custom_vmap
+def _pick(pred: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+    # Reached only where ``pred`` holds, unless batched: no select, so no copy of ``old``.
+    del pred, old
+    return new
+
+
+@_pick.def_vmap
+def _pick_rule(axis_size, in_batched, pred, new, old):
+    pred_batched, new_batched, old_batched = in_batched
+
+    def lift(x, batched):
+        return x if batched else jax.lax.broadcast(x, (axis_size,))
+
+    new = jax.tree_util.tree_map(lift, new, new_batched)
+    old = jax.tree_util.tree_map(lift, old, old_batched)
+    pred = lift(pred, pred_batched)
+
+    def select(n, o):
+        p = jax.lax.broadcast_in_dim(pred, n.shape, (0,))
+        return jax.lax.select(p, n, o)
+
+    out = jax.tree_util.tree_map(select, new, old)
+    return out, jax.tree_util.tree_map(lambda _: True, out)
+
+
+def cond_any(pred: jax.Array, true_fn: Callable, false_fn: Callable, operand: PyTree) -> PyTree:
+    """``jax.lax.cond(pred, true_fn, false_fn, operand)`` that stays a branch under ``vmap``.
+
+    vmap turns a ``cond`` with a batched predicate into both branches for every member: a
+    restart, a verification or a second Gram-Schmidt pass at every step of every member.
+    Here the branch runs once when any member needs it and each member keeps its own choice;
+    outside ``vmap`` it is the plain ``cond``.
+    """
+
+    def chosen(x):
+        return _pick(pred, true_fn(x), false_fn(x))
+
+    return jax.lax.cond(batch_any(pred), chosen, false_fn, operand)
+
+
 def orthogonalize_filled(
     basis: PyTree, w: PyTree, filled: Any, *, rows_per_block: int | None = None
 ) -> tuple[PyTree, jax.Array]:
@@ -527,14 +599,17 @@ def orthogonalize_filled(
         c = jnp.where((idx >= b * size) & (idx < filled), c, 0.0).astype(c.dtype)
         return tree_sub(w, tree_matvec(rows, c)), h.at[idx].add(c.astype(h.dtype))
 
+    # Under vmap the fullest member sets the blocks read and the branch (the others mask).
+    most = batch_max(jnp.asarray(filled))
+
     def blocked(w):
-        num_blocks = (filled + size - 1) // size
+        num_blocks = (most + size - 1) // size
         return jax.lax.fori_loop(0, num_blocks, block, (w, jnp.zeros((m,), dtype)))
 
     # Each block is sliced out (a copy), so past about half the rows one masked product with
     # the whole basis is faster (measured on the digits MLP's 160-row basis: blocked 0.7 ms at
     # 20 rows and 5.5 ms at 140, whole 3.6 ms at any fill).
-    return jax.lax.cond(2 * filled > m, whole, blocked, w)
+    return jax.lax.cond(2 * most > m, whole, blocked, w)
 
 
 def _row(stack: PyTree, i: Any) -> PyTree:
@@ -598,7 +673,7 @@ def lanczos_step(
     def again(w):
         return orthogonalize_filled(basis, w, j + 1)
 
-    w, c2 = jax.lax.cond(after < 0.7071 * before, again, lambda w: (w, jnp.zeros_like(c)), w)
+    w, c2 = cond_any(after < 0.7071 * before, again, lambda w: (w, jnp.zeros_like(c)), w)
     idx = jnp.arange(m)
     h = c + c2 + jnp.where(idx == j, alpha, 0.0) + jnp.where((idx == j - 1), b_prev, 0.0)
     h = h.astype(dtype)
@@ -615,11 +690,11 @@ def lanczos_step(
     breakdown = beta <= noise
     key, sub = jax.random.split(st.key)
     if restart_on_breakdown:
-        q_next = jax.lax.cond(
+        q_next = cond_any(
             breakdown,
-            lambda _: random_orthogonal(sub, basis, filled=j + 1, like=st.q),
-            lambda _: w,
-            None,
+            lambda w: random_orthogonal(sub, basis, filled=j + 1, like=st.q),
+            lambda w: w,
+            w,
         )
         alive = st.alive
     else:

@@ -301,36 +301,40 @@ def _init(op: LinearOperator, key: jax.Array, v0: PyTree | None, cfg: _Config) -
     )
 
 
+def _ritz_sizes(m: int) -> list[int]:
+    # Few sizes: each is one more eigh to compile.
+    return sorted({b for b in (32, 128, 512) if b < m} | {m})
+
+
+def _ritz_block(proj: jax.Array, filled: jax.Array, b: int) -> tuple[jax.Array, jax.Array]:
+    """:func:`_ritz_filled` computed with an ``eigh`` of size ``b >= filled``."""
+    m = proj.shape[0]
+    sub = proj[:b, :b]
+    valid = jnp.arange(b) < filled
+    big = 2.0 * jnp.sqrt(jnp.sum(sub * sub)) + 1.0
+    sub = jnp.where(valid[:, None] & valid[None, :], sub, 0.0)
+    sub = sub + jnp.diag(jnp.where(valid, 0.0, big)).astype(sub.dtype)
+    theta, s = krylov.ritz(sub)
+    s = jnp.where(valid[:, None], s, 0.0).astype(s.dtype)
+    theta = jnp.concatenate([theta, jnp.full((m - b,), big, theta.dtype)])
+    s = jnp.zeros((m, m), s.dtype).at[:b, :b].set(s)
+    return theta, s
+
+
 def _ritz_filled(proj: jax.Array, filled: Any) -> tuple[jax.Array, jax.Array]:
     """Ritz pairs of the leading ``filled x filled`` block of ``Q^T A Q``, padded to ``m``.
 
     The values come first in ascending order (``theta[:filled]``), then placeholders above all
     of them; each coefficient vector is zero past ``filled``. ``eigh`` runs on the smallest of
     a few static sizes that holds the filled rows, so an early check in a large basis is
-    cheap.
+    cheap; under ``vmap`` the size that holds the fullest member serves the whole batch.
     """
-    m = proj.shape[0]
-    # Few sizes: each is one more eigh to compile.
-    sizes = sorted({b for b in (32, 128, 512) if b < m} | {m})
-
-    def branch(b: int):
-        def run(proj):
-            sub = proj[:b, :b]
-            valid = jnp.arange(b) < filled
-            big = 2.0 * jnp.sqrt(jnp.sum(sub * sub)) + 1.0
-            sub = jnp.where(valid[:, None] & valid[None, :], sub, 0.0)
-            sub = sub + jnp.diag(jnp.where(valid, 0.0, big)).astype(sub.dtype)
-            theta, s = krylov.ritz(sub)
-            s = jnp.where(valid[:, None], s, 0.0).astype(s.dtype)
-            theta = jnp.concatenate([theta, jnp.full((m - b,), big, theta.dtype)])
-            s = jnp.zeros((m, m), s.dtype).at[:b, :b].set(s)
-            return theta, s
-
-        return run
-
-    index = jnp.searchsorted(jnp.asarray(sizes), filled, side="left")
-    index = jnp.clip(index, 0, len(sizes) - 1)
-    return jax.lax.switch(index, [branch(b) for b in sizes], proj)
+    sizes = _ritz_sizes(proj.shape[0])
+    filled = jnp.asarray(filled, jnp.int32)
+    # The first size that holds the rows, counted without a constant array of the sizes.
+    index = sum((krylov.batch_max(filled) > b).astype(jnp.int32) for b in sizes[:-1])
+    branches = [functools.partial(_ritz_block, b=b) for b in sizes]
+    return jax.lax.switch(index, branches, proj, filled)
 
 
 def _select(theta: jax.Array, which: str, count: int, k: int, filled: Any) -> jax.Array:
@@ -523,9 +527,9 @@ def _repair(run: _Run, cfg: _Config) -> _Run:
 def _prepare(run: _Run, cfg: _Config) -> _Run:
     """Before a segment of steps: restart a full basis, inject a pending verification."""
     repair = run.repair & ~run.pending
-    run = jax.lax.cond(run.filled >= cfg.m, lambda r: _restart(r, cfg), lambda r: r, run)
-    run = jax.lax.cond(run.pending, lambda r: _inject(r, cfg), lambda r: r, run)
-    return jax.lax.cond(repair, lambda r: _repair(r, cfg), lambda r: r, run)
+    run = krylov.cond_any(run.filled >= cfg.m, lambda r: _restart(r, cfg), lambda r: r, run)
+    run = krylov.cond_any(run.pending, lambda r: _inject(r, cfg), lambda r: r, run)
+    return krylov.cond_any(repair, lambda r: _repair(r, cfg), lambda r: r, run)
 
 
 def _segment_end(filled, matvecs, verify_end, cfg: _Config, xp: Any = jnp):
@@ -574,7 +578,7 @@ def _check(run: _Run, cfg: _Config, tol: jax.Array) -> _Run:
         _, _, residuals, scale = _wanted_pairs(kry, theta, s, filled, cfg)
         return jnp.max(residuals) / scale
 
-    worst = jax.lax.cond(looks, true_check, lambda _: estimate, None)
+    worst = krylov.cond_any(looks, true_check, lambda _: estimate, None)
     passed = looks & (worst <= tol)
     # A window that found a copy is followed by another once the copy has converged (a
     # triple eigenvalue needs two), at most k in all.

@@ -484,8 +484,24 @@ def block_copy_rows(like: PyTree, m: int) -> int:
     return 0 if size >= m else size
 
 
-@jax.custom_batching.custom_vmap
-def batch_max(x: jax.Array) -> jax.Array:
+def _batch_reduced(reduce: Callable[[jax.Array], jax.Array], doc: str) -> Callable:
+    """``x -> x``, and under ``vmap`` ``reduce`` of the batch, returned unbatched."""
+
+    @jax.custom_batching.custom_vmap
+    def fn(x: jax.Array) -> jax.Array:
+        return x
+
+    @fn.def_vmap
+    def _rule(axis_size, in_batched, x):
+        del axis_size
+        return (reduce(x) if in_batched[0] else x), False
+
+    fn.__doc__ = doc
+    return fn
+
+
+batch_max = _batch_reduced(
+    jnp.max,
     """``x`` itself; under ``vmap``, its largest member, unbatched.
 
     For sizes that pick a branch or a trip count: vmap turns a ``switch`` or ``cond`` with a
@@ -493,26 +509,12 @@ def batch_max(x: jax.Array) -> jax.Array:
     at every Ritz check; ``jit(vmap(eigsh))`` over 4 keys took 95x a Python loop of the same
     solves). Where a size large enough for the fullest member serves every member (rows past
     a member's own count are masked), one index for the batch keeps the branch a branch.
-    """
-    return x
-
-
-@batch_max.def_vmap
-def _batch_max_rule(axis_size, in_batched, x):
-    del axis_size
-    return (jnp.max(x) if in_batched[0] else x), False
-
-
-@jax.custom_batching.custom_vmap
-def batch_any(x: jax.Array) -> jax.Array:
-    """``x`` itself; under ``vmap``, whether any member holds, unbatched (see :func:`cond_any`)."""
-    return x
-
-
-@batch_any.def_vmap
-def _batch_any_rule(axis_size, in_batched, x):
-    del axis_size
-    return (jnp.any(x) if in_batched[0] else x), False
+    """,
+)
+batch_any = _batch_reduced(
+    jnp.any,
+    """``x`` itself; under ``vmap``, whether any member holds, unbatched (see :func:`cond_any`).""",
+)
 
 
 @jax.custom_batching.custom_vmap

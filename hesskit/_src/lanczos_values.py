@@ -728,19 +728,10 @@ def _merge(old: _Ritz, new: _Ritz, tol: jax.Array, cfg: _Config) -> tuple[_Ritz,
     scale = jnp.maximum(old.scale, new.scale)
     sep = cfg.copy_eps * scale
     new_ok = _usable(new._replace(scale=scale), tol, cfg)
-    parts = (old.values, old.estimates, old.filled), (new.values, new.estimates), new_ok
 
-    def end(sl, order_key, flip=False):
-        (ov, oe, of), (nv, ne), ok = parts
-        rev = slice(None, None, -1) if flip else slice(None)
-        v, e, f, changed = _merge_end(
-            (ov[sl][rev], oe[sl][rev], of[sl][rev]),
-            (nv[sl][rev], ne[sl][rev]),
-            ok[sl][rev],
-            sep,
-            order_key,
-        )
-        return v[rev], e[rev], f[rev], changed
+    def end(sl, order_key):
+        old_end = (old.values[sl], old.estimates[sl], old.filled[sl])
+        return _merge_end(old_end, (new.values[sl], new.estimates[sl]), new_ok[sl], sep, order_key)
 
     whole = slice(None)
     if cfg.which == "LA":
@@ -751,7 +742,8 @@ def _merge(old: _Ritz, new: _Ritz, tol: jax.Array, cfg: _Config) -> tuple[_Ritz,
         pieces = [end(whole, lambda v: -jnp.abs(v))]
     else:  # BE: the bottom values ascending, then the top ones ascending (most extreme last).
         low = cfg.k // 2
-        pieces = [end(slice(low, None), lambda v: -v, flip=True)]
+        v, e, f, changed = end(slice(low, None), lambda v: -v)  # most extreme first
+        pieces = [(v[::-1], e[::-1], f[::-1], changed)]
         if low:
             pieces.insert(0, end(slice(0, low), lambda v: v))
     values, estimates, filled = (jnp.concatenate([p[i] for p in pieces]) for i in range(3))
@@ -802,10 +794,11 @@ class _Rounds(NamedTuple):
     round: jax.Array
 
 
-def _check_limit(rounds: _Rounds, cfg: _Config) -> jax.Array:
-    # A checking run may take twice the first run's products (a start vector poor in the
-    # missed direction is not what it needs), and never more than the budget left.
-    return jnp.minimum(cfg.n - rounds.used, 2 * rounds.first)
+def _run_limit(rnd, used, first, cfg: _Config, xp: Any = jnp):
+    # The first run may take the whole budget; a checking run twice the first run's products
+    # (a start vector poor in the missed direction is not what it needs), never more than the
+    # budget left. ``xp=np`` for the host loop's Python ints.
+    return xp.where(rnd == 0, cfg.n, xp.minimum(cfg.n - used, 2 * first))
 
 
 def _more_rounds(rounds: _Rounds, cfg: _Config) -> jax.Array:
@@ -864,7 +857,7 @@ def _eigvalsh_compiled(op, key, v0, tol, cfg: _Config) -> EigResult:
         return _analyse(st, tol, cfg)
 
     def one_round(rounds: _Rounds) -> _Rounds:
-        limit = jnp.where(rounds.round == 0, cfg.n, _check_limit(rounds, cfg))
+        limit = _run_limit(rounds.round, rounds.used, rounds.first, cfg)
         st = _init(op, _round_start(op, key, v0, rounds.round), cfg, limit)
         run = jax.lax.while_loop(lambda s: ~s.done, cycle, st)
         return _next_round(rounds, run, tol, cfg)
@@ -897,7 +890,7 @@ def _eigvalsh_host(op, key, v0, tol, cfg: _Config) -> EigResult:
     used, first = 0, 0
     while bool(jax.device_get(_more_rounds(rounds, cfg))):
         r = int(rounds.round)
-        limit = cfg.n if r == 0 else min(cfg.n - used, 2 * first)
+        limit = int(_run_limit(r, used, first, cfg, xp=np))
         start = _round_start_jit(op, key, v0, jnp.asarray(r, jnp.int32))
         st = _init_jit(op, start, cfg, jnp.asarray(limit, jnp.int32))
         steps = 0

@@ -113,6 +113,22 @@ def test_float32_without_x64(which):
     assert np.unique(np.asarray(res.eigenvalues)).size == K
 
 
+def _float32_diagonal(lam: np.ndarray) -> hk.LinearOperator:
+    d = jnp.asarray(lam, jnp.float32)
+    return hk.LinearOperator(Partial(jnp.multiply, d), jnp.zeros(lam.size, jnp.float32))
+
+
+def _assert_single_runs_find(op: hk.LinearOperator, want: np.ndarray, seeds: int, **tols) -> None:
+    """Float32 SA runs from ``seeds`` keys, x64 off, each converged on ``want``."""
+    with jax.enable_x64(False):
+        for seed in range(seeds):
+            res = eigvalsh_lanczos(
+                op, jax.random.key(100 + seed), k=want.size, which="SA", verify=False
+            )
+            assert bool(np.all(res.converged)), seed
+            np.testing.assert_allclose(np.asarray(res.eigenvalues), want, **tols)
+
+
 def _clustered_negative_end() -> tuple[hk.LinearOperator, np.ndarray]:
     # The shape of the 3.3M LeNet's negative end (benchmarks/scale-cpu.md): four values 0.04
     # to 0.07 apart under a bulk, and a top end ten times larger in magnitude.
@@ -124,8 +140,7 @@ def _clustered_negative_end() -> tuple[hk.LinearOperator, np.ndarray]:
             np.linspace(0.5, 120.0, 196),
         ]
     )
-    d = jnp.asarray(lam, jnp.float32)
-    return hk.LinearOperator(Partial(jnp.multiply, d), jnp.zeros(lam.size, jnp.float32)), lam
+    return _float32_diagonal(lam), lam
 
 
 def test_float32_ghost_test_does_not_drop_a_clustered_value():
@@ -134,11 +149,7 @@ def test_float32_ghost_test_does_not_drop_a_clustered_value():
     # unconverged one used to be dropped, and 7 of 16 single runs stopped without -11.61 or
     # -11.57, calling -11.51 converged.
     op, lam = _clustered_negative_end()
-    with jax.enable_x64(False):
-        for seed in range(8):
-            res = eigvalsh_lanczos(op, jax.random.key(100 + seed), k=3, which="SA", verify=False)
-            assert bool(np.all(res.converged)), seed
-            np.testing.assert_allclose(np.asarray(res.eigenvalues), lam[:3], atol=2e-3)
+    _assert_single_runs_find(op, lam[:3], seeds=8, atol=2e-3)
 
 
 def test_float32_undecided_value_next_to_a_good_one_holds_the_run():
@@ -153,13 +164,7 @@ def test_float32_undecided_value_next_to_a_good_one_holds_the_run():
             np.linspace(0.001, 4.8, 196),
         ]
     )
-    d = jnp.asarray(lam, jnp.float32)
-    op = hk.LinearOperator(Partial(jnp.multiply, d), jnp.zeros(lam.size, jnp.float32))
-    with jax.enable_x64(False):
-        for seed in range(12):
-            res = eigvalsh_lanczos(op, jax.random.key(100 + seed), k=3, which="SA", verify=False)
-            assert bool(np.all(res.converged)), seed
-            np.testing.assert_allclose(np.asarray(res.eigenvalues), lam[:3], rtol=1e-4)
+    _assert_single_runs_find(_float32_diagonal(lam), lam[:3], seeds=12, rtol=1e-4)
 
 
 @pytest.mark.parametrize("loop", ["compiled", "host"])

@@ -352,6 +352,24 @@ def test_rotate_rows_matches_the_dense_product(shape):
         np.testing.assert_allclose(got[name], want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("shape", [(640,), (611,), (3, 290), (5,)])
+def test_rotate_rows_in_blocks_sized_by_bytes(monkeypatch, shape):
+    # The default block count follows the leaf's bytes: with a 1 KiB block the 640-column leaf
+    # runs in 35 blocks (the last shifted back), the 5-column one in one piece.
+    monkeypatch.setattr(krylov, "_ROTATE_BLOCK_BYTES", 1024)
+    m, r = 7, 4
+    rng = np.random.default_rng(1)
+    leaf = jnp.asarray(rng.normal(size=(m, *shape)), jnp.float32)
+    coeffs = jnp.asarray(rng.normal(size=(r, m)), jnp.float32)
+    axis_size = max(shape)
+    if jax.default_backend() == "cpu" and axis_size >= 16:
+        assert krylov._rotate_blocks(leaf, axis_size) > 8
+    got = krylov.rotate_rows({"a": leaf}, coeffs)["a"]
+    want = np.asarray(leaf).copy()
+    want[:r] = np.tensordot(np.asarray(coeffs), np.asarray(leaf), axes=1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 # -- Memory --------------------------------------------------------------------------------------
 def _temp_vectors(fn, *args, n):
     compiled = jax.jit(fn).lower(*args).compile()

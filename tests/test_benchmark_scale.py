@@ -69,6 +69,10 @@ def test_scale_benchmark_quick(tmp_path):
         assert size["timing"]["bare_hvp_ms"] > 0
         loops = [v for k, v in size["timing"].items() if k.startswith("loop=")]
         assert loops and all(_finite(t["ratio_to_bare_hvp"]) and t["products"] > 0 for t in loops)
+        # The product alone in a compiled loop, and eigsh's time per product split around it.
+        assert size["timing"]["product_in_loop_ms"] > 0
+        assert _finite(size["timing"]["product_in_loop_ratio"])
+        assert all(_finite(t["krylov_ms_per_product"]) for t in loops)
 
 
 def test_partial_run_carries_the_rest_of_the_previous_table():

@@ -1008,11 +1008,11 @@ def to_markdown(out: dict) -> str:
         split = all("product_in_loop_ms" in s["timing"] for s in out["sweep"])
         if split:
             lines[-1:-1] = [
+                "",
                 "The product alone is timed as the compiled solver runs it (the linearized "
                 "operator in a `fori_loop`); the rest of eigsh's time per product is its Krylov "
                 "work (Gram-Schmidt against the filled rows, restart rotations, residual checks), "
                 "memory traffic over the basis that grows with `krylov_dim` times the vector size.",
-                "",
             ]
         lines.append(
             "| params | bare HVP ms | "

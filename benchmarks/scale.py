@@ -1324,6 +1324,8 @@ def carry_forward(
             r.setdefault("run", now)
             r.setdefault("bare_hvp_ms", out["lenet"]["bare_hvp_ms"])
         new = {(r["problem"], r["mode"]): r for r in out["lenet"]["rows"]}
+        # Rows the old file itself carried were measured by an older run than the file's own.
+        lenet_date = carried.pop("lenet solves", date)
         rows = []
         for r in old["lenet"]["rows"]:
             key = (r["problem"], r["mode"])
@@ -1331,7 +1333,7 @@ def carry_forward(
                 rows.append(new.pop(key))
             else:
                 r = dict(r)
-                r.setdefault("run", date)
+                r.setdefault("run", lenet_date)
                 r.setdefault("bare_hvp_ms", old["lenet"]["bare_hvp_ms"])
                 rows.append(r)
         rows += list(new.values())
@@ -1343,7 +1345,10 @@ def carry_forward(
                     r["eigenvalues"], ref["eigenvalues"]
                 )
         out["lenet"]["rows"] = rows
-        carried["lenet solves not rerun"] = date
+        dates = sorted({r["run"] for r in rows if r["run"] != now})
+        carried.pop("lenet solves not rerun", None)
+        if dates:
+            carried["lenet solves not rerun"] = ", ".join(dates)
     out["meta"]["carried"] = carried
     return out
 

@@ -116,3 +116,25 @@ def test_partial_run_carries_the_rest_of_the_previous_table():
         "sweep sizes 1e+01",
         "lenet solves not rerun",
     }
+    assert out["meta"]["carried"]["lenet solves not rerun"] == "old"
+
+
+def test_partial_run_dates_carried_lenet_rows_by_the_run_that_measured_them():
+    rows = [{"problem": "LA(3)", "mode": "eigenvectors", "products": 5, "eigenvalues": [1.0]}]
+    # The old file skipped LeNet, so its rows are from the run before it.
+    old = {
+        "meta": {"date": "middle", "carried": {"lenet solves": "first"}},
+        "products": [],
+        "lenet": {"bare_hvp_ms": 5.0, "rows": rows},
+    }
+    new = {
+        "meta": {"date": "new"},
+        "products": [],
+        "lenet": {"bare_hvp_ms": 4.0, "rows": []},
+    }
+    out = scale_benchmark.carry_forward(new, old, {"products", "sweep"}, {("SA(3)", False)})
+    assert out["lenet"]["rows"][0]["run"] == "first"
+    assert out["meta"]["carried"] == {
+        "products (mlp, cnn)": "middle",
+        "lenet solves not rerun": "first",
+    }

@@ -460,7 +460,14 @@ def _restart(run: _Run, cfg: _Config) -> _Run:
         lambda _: kry.q,
         None,
     )
-    kry = kry._replace(basis=basis, images=images, proj=proj, q=start, key=key)
+    kry = kry._replace(
+        basis=basis,
+        images=images,
+        proj=proj,
+        q=start,
+        key=key,
+        chain_start=jnp.asarray(cfg.keep, jnp.int32),
+    )
     return run._replace(
         kry=kry,
         filled=jnp.asarray(cfg.keep, jnp.int32),
@@ -493,7 +500,13 @@ def _continue_from(kry: krylov.KrylovState, j: jax.Array, start: PyTree, key: ja
     """The basis continued at row ``j`` from ``start`` (unit, orthogonal to the filled rows)."""
     # The new direction has no coupling to the last row.
     proj = kry.proj.at[j, j - 1].set(0.0).at[j - 1, j].set(0.0)
-    return kry._replace(q=start, key=key, proj=proj, beta=jnp.zeros_like(kry.beta))
+    return kry._replace(
+        q=start,
+        key=key,
+        proj=proj,
+        beta=jnp.zeros_like(kry.beta),
+        chain_start=jnp.asarray(j, jnp.int32),
+    )
 
 
 def _repair(run: _Run, cfg: _Config) -> _Run:

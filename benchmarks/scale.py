@@ -933,7 +933,10 @@ def to_markdown(out: dict) -> str:
         "",
         f"{le['architecture']}; {le['sgd_steps']} SGD steps from initialization. Hessian of "
         f"the mean loss over the whole set, chunks {le['chunking']}. Product caps "
-        f"{le['caps']}, time budget {le['budget_s']:.0f} s for the solves.",
+        f"{le['caps']}, time budget {le['budget_s']:.0f} s for the solves. Max rel. residual: "
+        "the largest residual over the largest |eigenvalue| returned (eigsh's `tol` is "
+        "relative to its estimate of ||A||, so an SA row can pass at a larger figure); in the "
+        "eigenvalues-only mode the residuals are the Ritz estimates.",
         "",
         "| problem | mode | products (cap) | wall s | compile s | ms / product | / bare HVP "
         "| max rel. residual | converged | status | peak RSS (delta) | device peak |",

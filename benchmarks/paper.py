@@ -380,9 +380,18 @@ def main(argv=None) -> dict:
     p.add_argument("--grid", type=int, default=200, help="step sizes per direction")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument(
+        "--regimes",
+        default="memorising,label noise",
+        help="comma-separated subset of 'memorising,label noise'",
+    )
+    p.add_argument("--name", default="", help="suffix of the output files' stem")
+    p.add_argument(
         "--figures", metavar="JSON", help="only redraw the figures and markdown of a saved run"
     )
     args = p.parse_args(argv)
+    regimes = {r.strip() for r in args.regimes.split(",") if r.strip()}
+    if not regimes or regimes - {"memorising", "label noise"}:
+        p.error(f"--regimes: expected a subset of 'memorising,label noise', got {args.regimes!r}")
     if args.figures:
         saved = pathlib.Path(args.figures)
         out = json.loads(saved.read_text())
@@ -414,10 +423,12 @@ def main(argv=None) -> dict:
     }
     outdir = pathlib.Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
-    stem = outdir / f"paper-{args.model}{'-quick' if args.quick else ''}"
+    suffix = f"-{args.name}" if args.name else ""
+    stem = outdir / f"paper-{args.model}{'-quick' if args.quick else ''}{suffix}"
     path = stem.with_suffix(".json")
-    run_regime("memorising", module, data, args, checkpoints, out, path, 0.0)
-    if args.label_noise > 0:
+    if "memorising" in regimes:
+        run_regime("memorising", module, data, args, checkpoints, out, path, 0.0)
+    if "label noise" in regimes and args.label_noise > 0:
         run_regime("label noise", module, data, args, checkpoints, out, path, args.label_noise)
     out["total_s"] = time.perf_counter() - t0
     path.write_text(json.dumps(out, indent=1))

@@ -42,3 +42,8 @@ def test_paper_benchmark_quick(tmp_path):
     (tmp_path / "paper-cnn-quick-subsets.png").unlink()
     paper_benchmark.main(["--figures", str(tmp_path / "paper-cnn-quick.json")])
     assert (tmp_path / "paper-cnn-quick-subsets.png").stat().st_size > 1000
+
+
+def test_paper_benchmark_rejects_an_unknown_regime():
+    with pytest.raises(SystemExit):
+        paper_benchmark.main(["--quick", "--regimes", "memorizing"])

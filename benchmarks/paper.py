@@ -26,6 +26,8 @@ Usage::
     python benchmarks/paper.py --quick               # the digits CNN, tiny budget (the test)
     python benchmarks/paper.py --model cnn           # 3,658 parameters, all 1,797 digits
     python benchmarks/paper.py --model lenet         # 3.3M parameters (about an hour on 2 cores)
+    python benchmarks/paper.py --model lenet --regimes "label noise" \
+        --subsets-regime "label noise" --name label-noise-converging   # one regime, own files
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import argparse
 import functools
 import json
 import pathlib
+import shlex
 import time
 from typing import Any
 
@@ -253,7 +256,7 @@ def run_regime(name, module, data, args, checkpoints, out, path, noise: float) -
             flush=True,
         )
         path.write_text(json.dumps(out, indent=1))
-    if not noise and args.fracs:
+    if name == args.subsets_regime and args.fracs:
         reg["subsets"] = subset_curve(
             loss,
             params,
@@ -386,6 +389,12 @@ def main(argv=None) -> dict:
     )
     p.add_argument("--name", default="", help="suffix of the output files' stem")
     p.add_argument(
+        "--subsets-regime",
+        default="memorising",
+        choices=["memorising", "label noise"],
+        help="the regime whose last checkpoint gets the subset curve",
+    )
+    p.add_argument(
         "--figures", metavar="JSON", help="only redraw the figures and markdown of a saved run"
     )
     args = p.parse_args(argv)
@@ -416,7 +425,7 @@ def main(argv=None) -> dict:
         "model": args.model,
         "params": dim,
         "examples": int(data.y.shape[0]),
-        "command": "python benchmarks/paper.py " + " ".join(argv if argv is not None else []),
+        "command": "python benchmarks/paper.py " + shlex.join(argv if argv is not None else []),
         "meta": {"quick": args.quick, "backend": jax.default_backend()},
         "args": {k: v for k, v in vars(args).items()},
         "regimes": {},

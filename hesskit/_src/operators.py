@@ -958,7 +958,8 @@ def mean_hessian_operator(
     valid. The chunks are given in one of two ways:
 
     * ``chunk_size=s``: ``data`` is the whole set with a leading example axis of ``N`` on
-      every leaf; it is cut into ``N // s`` chunks of ``s`` (a :func:`jax.lax.scan`) and, when
+      every leaf; it is cut into ``N // s`` chunks of ``s`` (a :func:`jax.lax.scan`, or one
+      direct call when there is one: a one-step scan would stay a loop) and, when
       ``s`` does not divide ``N``, one ragged last chunk of ``N mod s`` examples (one more
       call, so ``loss_fn`` is traced for both shapes), each weighted by its size.
     * ``chunk_size=None``: ``data`` is already chunked, stacked along a leading axis of ``C``

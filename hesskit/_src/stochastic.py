@@ -93,7 +93,8 @@ def _fold_chunks(body, consts: tuple, carry: PyTree, xs: PyTree, chunk: int, hos
         for lo, hi in bounds:
             carry = step(consts, carry, jax.tree_util.tree_map(lambda a, s=slice(lo, hi): a[s], xs))
         return carry
-    if full == 0:
+    if full == 0 or (full == 1 and rest == 0):
+        # One chunk: a one-step scan would stay a while loop (see mean_hessian_operator).
         return body(consts, carry, xs)
     if rest == 0:
         batches = jax.tree_util.tree_map(lambda a: a.reshape(full, chunk, *a.shape[1:]), xs)

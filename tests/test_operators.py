@@ -517,3 +517,22 @@ def test_mean_hessian_operator_unroll_auto_unrolls_convolutions_on_cpu():
     assert _kernel_unroll(mlp_op) == rolled_scan
     with pytest.raises(ValueError, match="unroll must be"):
         hk.mean_hessian_operator(loss, mlp_params, (x, y), chunk_size=4, unroll="yes")
+
+
+def test_map_in_batches_of_one_batch_is_no_loop():
+    # The batched map behind SLQ's runs and the directional grid: one batch (full or ragged)
+    # is one call, the same values as several batches, and no while loop in the program.
+    from hesskit._src.memory import map_in_batches
+
+    xs = jnp.arange(12.0, dtype=WIDE).reshape(6, 2)
+
+    def fn(x):
+        return jnp.sin(x) * x.sum()
+
+    want = jax.vmap(fn)(xs)
+    for size in (6, 8, 4, 1):
+        got = jax.jit(lambda x, size=size: map_in_batches(fn, x, size))(xs)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    for size in (6, 8):
+        hlo = jax.jit(lambda x, size=size: map_in_batches(fn, x, size)).lower(xs).compile()
+        assert "while" not in hlo.as_text(), size

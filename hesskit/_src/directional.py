@@ -166,6 +166,9 @@ class DirectionalLoss(NamedTuple):
 def _mean_loss(f: Callable, params: PyTree, chunks: PyTree | None) -> jax.Array:
     if chunks is None:
         return f(params)
+    if jax.tree_util.tree_leaves(chunks)[0].shape[0] == 1:
+        # A one-step map would stay a while loop (slow convolutions on XLA:CPU).
+        return f(params, jax.tree_util.tree_map(lambda c: c[0], chunks))
     # One chunk at a time (lax.map is a scan): memory stays at one chunk's activations.
     return jnp.mean(jax.lax.map(lambda c: f(params, c), chunks))
 

@@ -289,6 +289,10 @@ def map_in_batches(fn, xs: PyTree, batch_size: int) -> PyTree:
             return tmap(lambda a: a[None], fn(tmap(lambda a: a[0], x)))
         return jax.vmap(fn)(x)
 
+    if num_batches == 1:
+        # A one-step map would stay a while loop in the compiled program, where XLA:CPU runs
+        # convolutions far slower (jax-ml/jax#12868).
+        return batch(xs)
     if rest == 0:
         stacked = jax.lax.map(batch, tmap(lambda a: a.reshape(full, batch_size, *a.shape[1:]), xs))
     else:

@@ -114,6 +114,9 @@ def be_solve(op, k: int, key, v0, max_matvecs: int):
         "products": int(res.num_matvecs),
         "wall_s": wall,
         "converged": int(np.sum(np.asarray(res.converged))),
+        # 0 converged, 1 budget spent, 3 precision floor (see hk.EigResult.status).
+        "status": int(res.status),
+        "max_residual": float(np.max(np.asarray(res.residuals))),
         "k": k,
     }
     return top, bottom, rec

@@ -26,6 +26,9 @@ def test_paper_benchmark_quick(tmp_path):
         # BE(4): two from each end, sorted; the bottom is negative, the top positive.
         assert r["top"][0] >= r["top"][1] > 0 > r["bottom"][1] >= r["bottom"][0]
         assert math.isfinite(r["ratio"]) and r["ratio"] > 0 and r["products"] > 0
+        # How each solve ended is recorded with it, and agrees with its convergence count.
+        assert r["status"] in (0, 1, 3) and (r["status"] == 0) == (r["converged"] == r["k"])
+        assert r["max_residual"] >= 0
     ch = rows[1]["change"]["top"]
     assert all(0 <= a <= 90 for a in ch["cluster_angles_deg"])
     d = rows[-1]["directional"]

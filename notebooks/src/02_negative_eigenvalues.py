@@ -262,8 +262,11 @@ assert subset_rows[0.25][0] < subset_rows[0.05][0]
 # 28x28) and on this CNN over all 1,797 digits, with a label-noise run that keeps the training
 # loss well above zero and the subset agreement as a curve (eigenvalue error, gap-aware angles,
 # and the Rayleigh quotients of the subset's eigenvectors on the full Hessian), are measured by
-# `benchmarks/paper.py`: see `benchmarks/results/paper-lenet.md` and
-# `benchmarks/results/paper-cnn.md`, and the README's reproduction table.
+# `benchmarks/paper.py`: see `benchmarks/results/paper-lenet.md`,
+# `benchmarks/results/paper-cnn.md`, the LeNet's runs at a converging budget
+# (`benchmarks/results/paper-lenet-label-noise-converging.md` and
+# `benchmarks/results/paper-lenet-memorising-converging.md`), and the README's reproduction
+# table.
 
 # %%
 print(f"total {time.perf_counter() - start:.0f} s")
